@@ -1,0 +1,37 @@
+//! CPU identification: the feature bits the hypervisor depends on, read once per CPU.
+
+use core::arch::x86_64::{__cpuid, __cpuid_count};
+
+/// Features Conduit checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, defmt::Format)]
+pub struct Features {
+    /// Execute-disable bit (CPUID 0x8000_0001 EDX 20).
+    pub nx: bool,
+    /// 1 GiB pages (CPUID 0x8000_0001 EDX 26).
+    pub pdpe1gb: bool,
+    /// x2APIC (CPUID 1 ECX 21).
+    pub x2apic: bool,
+    /// SVM (CPUID 0x8000_0001 ECX 2).
+    pub svm: bool,
+    /// Invariant TSC (CPUID 0x8000_0007 EDX 8).
+    pub invariant_tsc: bool,
+    /// Highest extended leaf.
+    pub max_extended_leaf: u32,
+}
+
+/// Reads the features of the running CPU.
+pub fn features() -> Features {
+    let basic = __cpuid(1);
+    let max_ext = __cpuid(0x8000_0000).eax;
+    let ext = if max_ext >= 0x8000_0001 { __cpuid(0x8000_0001) } else { __cpuid_count(0, 0) };
+    let power = if max_ext >= 0x8000_0007 { __cpuid(0x8000_0007).edx } else { 0 };
+    let has_ext = max_ext >= 0x8000_0001;
+    Features {
+        nx: has_ext && ext.edx & (1 << 20) != 0,
+        pdpe1gb: has_ext && ext.edx & (1 << 26) != 0,
+        x2apic: basic.ecx & (1 << 21) != 0,
+        svm: has_ext && ext.ecx & (1 << 2) != 0,
+        invariant_tsc: power & (1 << 8) != 0,
+        max_extended_leaf: max_ext,
+    }
+}

@@ -1,0 +1,185 @@
+//! The hypervisor's own page tables: an identity map of RAM (read-write, never executable),
+//! the image with exact permissions (text R+X, rodata R, data/bss R+W — W^X everywhere),
+//! firmware tables read-only, device registers uncached, page 0 and every stack guard page
+//! unmapped. Built with `conduit_paging` over table frames taken from the frame allocator
+//! below 4 GiB, so they are reachable under the early map and the final one alike.
+
+use crate::sync::IrqMutex;
+use conduit_mem::{FOUR_GIB, LOW_MEMORY_END, MemoryKind, MemoryMap, PAGE_SIZE, PhysRange};
+use conduit_paging::{Attrs, MapError, Options, PageSize, PageTable, TableMemory, Write};
+use x86_64::PhysAddr;
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::PhysFrame;
+
+/// Table frames from the frame allocator, reached through the identity map.
+#[derive(Debug)]
+pub struct KernelTables;
+
+impl TableMemory for KernelTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let frame = crate::mem::alloc_frame_below(FOUR_GIB)?;
+        // SAFETY:
+        // 1. `frame` is a fresh 4 KiB frame from the allocator (nobody else holds it), below
+        //    4 GiB, identity-mapped read-write by the early map and by these tables (all
+        //    usable RAM is mapped read-write).
+        unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE_SIZE as usize) };
+        Some(frame)
+    }
+
+    fn free_table(&mut self, table: u64) {
+        if let Err(e) = crate::mem::free_frame(table) {
+            defmt::error!("paging: freeing table frame {=u64:#x} failed: {}", table, e);
+        }
+    }
+
+    fn read_entry(&self, table: u64, index: usize) -> u64 {
+        debug_assert!(index < conduit_paging::ENTRIES);
+        // SAFETY:
+        // 1. `table` is a table frame this type allocated (below 4 GiB, identity-mapped) and
+        //    `index` < 512, so the u64 is inside that frame and 8-byte aligned.
+        // 2. Volatile: the CPU's page walker sets accessed/dirty bits concurrently.
+        unsafe { core::ptr::read_volatile((table as *const u64).add(index % conduit_paging::ENTRIES)) }
+    }
+
+    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
+        // SAFETY: as in `read_entry`; the caller holds the tables' lock, so no other writer.
+        unsafe { core::ptr::write_volatile((table as *mut u64).add(index % conduit_paging::ENTRIES), value) };
+    }
+}
+
+static KERNEL: IrqMutex<Option<PageTable<KernelTables>>> = IrqMutex::new(None);
+
+unsafe extern "C" {
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __data_end: u8;
+}
+
+fn section(start: *const u8, end: *const u8) -> PhysRange {
+    PhysRange::new(start as u64, end as u64)
+}
+
+/// The image's three permission regions: (text, rodata, data+bss).
+pub fn image_sections() -> (PhysRange, PhysRange, PhysRange) {
+    (
+        section(&raw const __text_start, &raw const __text_end),
+        section(&raw const __rodata_start, &raw const __rodata_end),
+        section(&raw const __data_start, &raw const __data_end),
+    )
+}
+
+/// What the kernel's tables must map besides RAM.
+#[derive(Debug)]
+pub struct Layout<'a> {
+    /// Firmware tables (mapped read-only wherever they are).
+    pub firmware: &'a [PhysRange],
+    /// Device register ranges (uncached).
+    pub mmio: &'a [PhysRange],
+    /// Pages left unmapped (stack guards).
+    pub guards: &'a [u64],
+}
+
+/// BIOS read-only area (RSDP search).
+const BIOS_AREA: PhysRange = PhysRange::new(0xe0000, 0x10_0000);
+/// Conventional memory below the EBDA/VGA hole, without page 0.
+const LOW_RAM: PhysRange = PhysRange::new(PAGE_SIZE, 0xa0000);
+
+/// Builds the kernel's tables and switches this CPU to them.
+pub fn init(map: &MemoryMap, layout: &Layout<'_>, features: &super::cpu::Features) -> Result<u64, MapError> {
+    let options = Options {
+        no_execute: features.nx,
+        largest_page: if features.pdpe1gb { PageSize::Size1G } else { PageSize::Size2M },
+    };
+    let mut pt = PageTable::new(KernelTables, options)?;
+    let identity = |pt: &mut PageTable<KernelTables>, r: PhysRange, attrs: Attrs| -> Result<(), MapError> {
+        let r = r.align_outward(PAGE_SIZE);
+        if r.is_empty() { Ok(()) } else { pt.map(r.start, r.start, r.len(), attrs, PageSize::Size1G) }
+    };
+    identity(&mut pt, LOW_RAM, Attrs::DATA)?;
+    identity(&mut pt, BIOS_AREA, Attrs::RODATA)?;
+    for region in map.regions() {
+        if matches!(region.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
+            let above = region.range.intersect(&PhysRange::new(LOW_MEMORY_END, u64::MAX));
+            identity(&mut pt, above, Attrs::DATA)?;
+        }
+    }
+    for fw in layout.firmware {
+        identity(&mut pt, *fw, Attrs::RODATA)?;
+    }
+    let (text, rodata, data) = image_sections();
+    identity(&mut pt, text, Attrs::TEXT)?;
+    identity(&mut pt, rodata, Attrs::RODATA)?;
+    identity(&mut pt, data, Attrs::DATA)?;
+    for m in layout.mmio {
+        identity(&mut pt, *m, Attrs::MMIO)?;
+    }
+    for &g in layout.guards {
+        pt.unmap(g, PAGE_SIZE)?;
+    }
+    let root = pt.root();
+    *KERNEL.lock() = Some(pt);
+    activate(root);
+    Ok(root)
+}
+
+/// Loads the kernel's tables into CR3 on this CPU (also flushes its TLB).
+pub fn activate(root: u64) {
+    let frame = PhysFrame::containing_address(PhysAddr::new(root));
+    // SAFETY:
+    // 1. `root` is the PML4 built by `init`: it maps the running code (text, R+X), the
+    //    current stack (boot stack or a CPU's kernel stack, in data/RAM, R+W), all data,
+    //    and the per-CPU/GS area, exactly as the previous tables did, so execution
+    //    continues without a fault.
+    // 2. EFER.NXE was set by the boot code whenever `no_execute` is used in the tables.
+    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+}
+
+/// Physical address of the kernel's PML4.
+pub fn root() -> Option<u64> {
+    KERNEL.lock().as_ref().map(|pt| pt.root())
+}
+
+/// Unmaps guard pages before any CPU can have used them, then flushes this CPU's TLB.
+pub fn unmap_guards(guards: &[u64]) -> Result<(), MapError> {
+    let mut guard = KERNEL.lock();
+    let pt = guard.as_mut().ok_or(MapError::OutOfTables)?;
+    for &g in guards {
+        pt.unmap(g, PAGE_SIZE)?;
+    }
+    x86_64::instructions::tlb::flush_all();
+    Ok(())
+}
+
+/// The translation of `addr` in the kernel's tables.
+pub fn translate(addr: u64) -> Option<conduit_paging::Translation> {
+    KERNEL.try_lock_for(1000)?.as_ref()?.translate(addr)
+}
+
+/// True when `[addr, addr + len)` is mapped readable and writable (hypervisor data or RAM):
+/// safe to read plain words from, even on a fatal-error path.
+pub fn is_mapped_data(addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else { return false };
+    let mut page = addr & !(PAGE_SIZE - 1);
+    while page < end {
+        match translate(page) {
+            Some(t) if t.attrs.write == Write::Allow => {}
+            _ => return false,
+        }
+        page += PAGE_SIZE;
+    }
+    true
+}
+
+/// Two consecutive words at `addr` (a frame record: saved RBP, return address), if mapped.
+pub fn read_u64_pair(addr: u64) -> Option<(u64, u64)> {
+    if !addr.is_multiple_of(8) || !is_mapped_data(addr, 16) {
+        return None;
+    }
+    // SAFETY:
+    // 1. The 16 bytes at `addr` are 8-aligned and mapped (checked just above), and they are
+    //    plain memory (RAM or hypervisor data), where any bit pattern is a valid u64.
+    unsafe { Some((core::ptr::read_volatile(addr as *const u64), core::ptr::read_volatile((addr + 8) as *const u64))) }
+}

@@ -1,0 +1,211 @@
+//! Conduit: a bare-metal x86-64 microhypervisor for device passthrough.
+//!
+//! Bring-up on the bootstrap processor, in order: per-CPU tables and IDT (exceptions are
+//! reported from here on), COM1 console, COM2 defmt log, CPU features, ACPI (RSDP, tables,
+//! MADT), memory map and frame allocator, the kernel's own page tables, local APIC + legacy
+//! PIC and I/O APIC masking, timer calibration, application processors. Then the scenario
+//! named on the command line (`conduit.scenario=NAME`, default `boot_smoke`) runs and its
+//! result is the run's verdict.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod console;
+mod exit;
+mod log;
+mod mem;
+mod scenarios;
+mod sync;
+
+use arch::{apic, cpu, paging, smp, time};
+use conduit_acpi::{AcpiError, Madt, Signature, Tables, find_rsdp};
+use conduit_boot::{BootError, BootRecord};
+use conduit_mem::{MemoryMap, PhysRange};
+use exit::{Verdict, exit};
+use heapless::Vec;
+
+conduit_boot::kernel_entry!(kernel_main);
+
+/// What bring-up found and built; scenarios read it.
+#[derive(Debug)]
+pub struct Platform {
+    /// The boot record.
+    pub record: &'static BootRecord,
+    /// Normalized memory map.
+    pub map: MemoryMap,
+    /// ACPI tables.
+    pub acpi: Tables,
+    /// The MADT.
+    pub madt: Madt,
+    /// Bootstrap processor features.
+    pub features: cpu::Features,
+    /// Frame allocator set-up.
+    pub memory: mem::Summary,
+    /// Clock rates.
+    pub clocks: time::Calibration,
+    /// I/O APIC pins masked (all of them).
+    pub ioapic_pins_masked: u32,
+    /// Application processors that checked in.
+    pub aps_started: usize,
+    /// The kernel's PML4.
+    pub page_table_root: u64,
+}
+
+/// Why bring-up failed.
+#[derive(Debug, defmt::Format)]
+enum BringUpError {
+    Boot(BootError),
+    Acpi(AcpiError),
+    NoMadt,
+    Map(conduit_mem::MapError),
+    Memory(mem::MemError),
+    Paging(conduit_paging::MapError),
+    Apic(conduit_apic::ApicError),
+    Smp(smp::SmpError),
+    TooManyExclusions,
+}
+
+impl From<AcpiError> for BringUpError {
+    fn from(e: AcpiError) -> Self {
+        Self::Acpi(e)
+    }
+}
+impl From<conduit_apic::ApicError> for BringUpError {
+    fn from(e: conduit_apic::ApicError) -> Self {
+        Self::Apic(e)
+    }
+}
+
+fn kernel_main(record: Result<&'static BootRecord, BootError>) -> ! {
+    arch::init_bsp_cpu();
+    time::mark_boot();
+    let console_ok = console::init();
+    println!("conduit {}: hypervisor starting", env!("CARGO_PKG_VERSION"));
+    let log_ok = log::init();
+    defmt::info!(
+        "conduit {=str} starting; console {=bool}, log {=bool}",
+        env!("CARGO_PKG_VERSION"),
+        console_ok,
+        log_ok
+    );
+    let platform = match record.map_err(BringUpError::Boot).and_then(bring_up) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("conduit: bring-up failed: {:?}", e);
+            defmt::error!("bring-up failed: {}", e);
+            exit(Verdict::Failure);
+        }
+    };
+    let name = platform.record.cmdline_value("conduit.scenario").unwrap_or(scenarios::DEFAULT);
+    let verdict = scenarios::run(name, platform);
+    exit(verdict)
+}
+
+fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpError> {
+    println!("boot: protocol {:?}, command line \"{}\"", record.protocol, record.cmdline.as_str());
+    let features = cpu::features();
+    defmt::info!("cpu: {}", features);
+
+    // ACPI, read through the early identity map (tables below 4 GiB).
+    let early = conduit_boot::entry::EarlyPhys;
+    let rsdp = find_rsdp(&early, record.rsdp_paddr)?;
+    let acpi = Tables::load(&early, rsdp)?;
+    for t in acpi.iter() {
+        defmt::info!("acpi: {} at {=u64:#x} len {=u32}", t.signature, t.paddr, t.len);
+    }
+    for (at, e) in acpi.rejected() {
+        defmt::warn!("acpi: table at {=u64:#x} rejected: {}", at, e);
+        println!("acpi: table at {:#x} rejected: {:?}", at, e);
+    }
+    let madt = Madt::parse(&early, acpi.find(Signature::MADT).ok_or(BringUpError::NoMadt)?)?;
+
+    // Memory: normalize the map, keep out everything that lives in RAM.
+    let map = MemoryMap::normalize(&record.memory_map).map_err(BringUpError::Map)?;
+    let repairs = map.repairs();
+    if repairs != Default::default() {
+        defmt::warn!("memory map repaired: {}", repairs);
+    }
+    let mut exclusions: Vec<PhysRange, { conduit_mem::map::MAX_EXCLUSIONS }> = Vec::new();
+    let (boot_stack, _) = conduit_boot::entry::boot_stack();
+    let in_ram =
+        [mem::image_range(), boot_stack, PhysRange::new(smp::TRAMPOLINE_PADDR, smp::TRAMPOLINE_PADDR + 0x1000)];
+    for r in in_ram
+        .into_iter()
+        .chain(record.boot_data.iter().copied())
+        .chain(record.modules.iter().map(|m| m.range))
+        .chain(acpi.ranges())
+    {
+        exclusions.push(r).map_err(|_| BringUpError::TooManyExclusions)?;
+    }
+    let memory = mem::init(&map, &exclusions).map_err(BringUpError::Memory)?;
+
+    // The kernel's own page tables.
+    let mut mmio: Vec<PhysRange, 9> = Vec::new();
+    let _ = mmio.push(PhysRange::new(madt.local_apic_paddr, madt.local_apic_paddr + apic::XAPIC_MMIO_BYTES));
+    for io in &madt.ioapics {
+        let _ = mmio.push(PhysRange::new(io.paddr, io.paddr + apic::IOAPIC_MMIO_BYTES));
+    }
+    let firmware: Vec<PhysRange, { conduit_acpi::MAX_TABLES + 2 }> = acpi.ranges().collect();
+    let (_, boot_guard) = conduit_boot::entry::boot_stack();
+    let mut guards: Vec<u64, 9> = Vec::new();
+    let _ = guards.push(boot_guard);
+    for g in arch::stacks::BSP_STACKS.layout().guards() {
+        let _ = guards.push(g);
+    }
+    let layout = paging::Layout { firmware: &firmware, mmio: &mmio, guards: &guards };
+    let page_table_root = paging::init(&map, &layout, &features).map_err(BringUpError::Paging)?;
+    defmt::info!("paging: kernel tables at {=u64:#x}, W^X image, {=usize} guard pages", page_table_root, guards.len());
+
+    // Interrupt controllers and time.
+    arch::interrupts::init();
+    apic::init_mode(madt.local_apic_paddr, features.x2apic);
+    let bsp_apic_id = apic::enable_this_cpu()?;
+    arch::percpu::this_cpu().apic_id.store(bsp_apic_id, core::sync::atomic::Ordering::Relaxed);
+    apic::disable_pic();
+    let mut ioapic_pins_masked = 0;
+    for io in &madt.ioapics {
+        ioapic_pins_masked += apic::mask_ioapic(io.paddr);
+    }
+    let clocks = time::calibrate()?;
+    defmt::info!(
+        "time: tsc {=u64} kHz, apic timer {=u64} kHz (divide 16)",
+        clocks.tsc_hz / 1000,
+        clocks.apic_timer_hz / 1000
+    );
+    x86_64::instructions::interrupts::enable();
+
+    // Application processors.
+    let aps_started = smp::start_aps(&madt, bsp_apic_id, features.nx).map_err(BringUpError::Smp)?;
+    println!("boot: {} of {} CPUs online", smp::online(), madt.enabled_cpus().count());
+
+    static PLATFORM: spin::Once<Platform> = spin::Once::new();
+    Ok(PLATFORM.call_once(|| Platform {
+        record,
+        map,
+        acpi,
+        madt,
+        features,
+        memory,
+        clocks,
+        ioapic_pins_masked,
+        aps_started,
+        page_table_root,
+    }))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    x86_64::instructions::interrupts::disable();
+    let cpu = arch::percpu::this_cpu().index();
+    match info.location() {
+        Some(l) => console::emergency(format_args!(
+            "\nPANIC on cpu {} at {}:{}: {}\n",
+            cpu,
+            l.file(),
+            l.line(),
+            info.message()
+        )),
+        None => console::emergency(format_args!("\nPANIC on cpu {}: {}\n", cpu, info.message())),
+    }
+    exit(Verdict::Failure)
+}
