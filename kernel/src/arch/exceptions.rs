@@ -208,6 +208,11 @@ fn report(vector: u8, f: &Frame, disposition: Disposition) {
                 "  faulting rip {verdict} the scenario's expected rip 0x{expected:016x}\n"
             ));
         }
+        if let Some((owner, stack)) = super::stacks::guard_owner(cr2).filter(|_| vector == 14) {
+            crate::console::emergency(format_args!(
+                "  stack overflow: cr2 is in the guard page below {stack} of cpu {owner}\n"
+            ));
+        }
         backtrace(f.rbp);
     }
     defmt::error!(

@@ -49,6 +49,30 @@ impl CpuStacks {
     }
 }
 
+/// Which stack's guard page `addr` falls in, if any: (CPU index, stack name).
+pub fn guard_owner(addr: u64) -> Option<(usize, &'static str)> {
+    let page = addr & !(PAGE_SIZE - 1);
+    let (_, boot_guard) = conduit_boot::entry::boot_stack();
+    if page == boot_guard {
+        return Some((0, "the boot stack"));
+    }
+    const NAMES: [&str; 1 + IST_COUNT] = [
+        "the kernel stack",
+        "IST1 (NMI)",
+        "IST2 (#DF)",
+        "IST3 (#MC)",
+        "IST4 (#PF)",
+        "IST5 (exceptions)",
+        "IST6 (interrupts)",
+        "IST7 (#DB/#BP)",
+    ];
+    super::percpu::all().iter().find_map(|cpu| {
+        let stacks = cpu.stacks.get()?;
+        let i = stacks.guards().iter().position(|&g| g == page)?;
+        Some((cpu.index(), NAMES[i]))
+    })
+}
+
 /// Memory the CPU uses as stack: only ever written through RSP, never through a Rust reference.
 #[repr(C, align(4096))]
 pub struct StackBlock(UnsafeCell<[u8; BLOCK_BYTES as usize]>);

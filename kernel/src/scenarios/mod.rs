@@ -5,7 +5,9 @@
 
 mod boot_smoke;
 mod exception_report;
+mod panic_report;
 mod smp_two_cpus;
+mod stack_overflow;
 
 use crate::Platform;
 use crate::exit::Verdict;
@@ -23,6 +25,8 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "boot_smoke", run: boot_smoke::run },
     Scenario { name: "exception_report", run: exception_report::run },
     Scenario { name: "smp_two_cpus", run: smp_two_cpus::run },
+    Scenario { name: "panic_report", run: panic_report::run },
+    Scenario { name: "stack_overflow", run: stack_overflow::run },
 ];
 
 /// Runs scenario `name`; an unknown name is a failure that lists the known ones.

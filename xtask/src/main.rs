@@ -1,0 +1,227 @@
+//! `cargo xtask`: the only entry point.
+//!
+//! - `build` — the hypervisor image (later also the test guests).
+//! - `run [--scenario NAME] [--gdb] [-- QEMU ARGS…]` — build, boot in QEMU, stream COM1 and the
+//!   decoded defmt log, exit with the hypervisor's verdict (default scenario: `boot_smoke`).
+//! - `test [NAME…]` — formatting, host tests, clippy (host and target, `-D warnings`), the
+//!   image and its `.defmt` check, then every QEMU scenario; with names, only the image, the
+//!   check and those scenarios. One line per step, then `N passed, N failed`.
+//!
+//! On a fresh machine it installs what is missing (the bare-metal Rust target; QEMU through
+//! apt when running as root) or says in one line what to run.
+
+mod setup;
+mod workspace;
+
+use conduit_qemu_tests::{Line, LogTable, RunOptions, judge, qemu, scenarios};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The image's target.
+pub const TARGET: &str = "x86_64-unknown-none";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build().map(|p| {
+            println!("xtask: image {}", p.display());
+            ExitCode::SUCCESS
+        }),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        None | Some("help" | "-h" | "--help") => {
+            println!("{}", USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask build
+       cargo xtask run [--scenario NAME] [--gdb] [-- EXTRA QEMU ARGS]
+       cargo xtask test [SCENARIO...]";
+
+/// Builds the image; returns its path.
+fn build() -> Result<PathBuf> {
+    setup::ensure_target()?;
+    workspace::cargo(&["build", "--release", "-p", "conduit-kernel", "--target", TARGET])?;
+    Ok(workspace::image_path())
+}
+
+fn load_table(image: &Path) -> Result<Arc<LogTable>> {
+    let elf = std::fs::read(image).map_err(|e| format!("reading {}: {e}", image.display()))?;
+    LogTable::from_elf(&elf).map(Arc::new)
+}
+
+fn run(args: &[String]) -> Result<ExitCode> {
+    let mut name = scenarios::DEFAULT.to_string();
+    let mut opts = RunOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--scenario" => name = it.next().ok_or("--scenario needs a name")?.clone(),
+            "--gdb" => opts.gdb = true,
+            "--" => opts.extra_args.extend(it.by_ref().cloned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let scenario = scenarios::find(&name).ok_or_else(|| format!("no scenario named {name:?}; known: {}", names()))?;
+    let image = build()?;
+    let qemu_bin = setup::find_or_install_qemu()?;
+    let table = load_table(&image)?;
+    if opts.gdb {
+        println!("xtask: QEMU waits for gdb on :1234 — gdb {} -ex 'target remote :1234'", image.display());
+    }
+    println!("xtask: booting scenario {} ({})", scenario.name, scenario.about);
+    let outcome = qemu::run(&qemu_bin, &image, table, scenario, &opts, |line| match line {
+        Line::Console(s) => println!("[com1] {s}"),
+        Line::Log(l) => println!("[log]  {l}"),
+        Line::Malformed => println!("[log]  <malformed defmt frame>"),
+        Line::Qemu(s) => eprintln!("[qemu] {s}"),
+    })
+    .map_err(|e| format!("running QEMU: {e}"))?;
+    let success = conduit_qemu_tests::Expect::Success.qemu_status();
+    match outcome.status {
+        Some(s) if s == success => {
+            println!("xtask: verdict success ({:.2} s)", outcome.elapsed.as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let why = if outcome.timed_out { "timed out".to_string() } else { format!("QEMU status {other:?}") };
+            println!("xtask: verdict failure ({why})");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn names() -> String {
+    scenarios::SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+}
+
+/// One step of `test`.
+struct Step {
+    name: String,
+    result: Result<()>,
+    elapsed: Duration,
+}
+
+fn step(results: &mut Vec<Step>, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
+    println!("xtask: running {name}");
+    let start = Instant::now();
+    let result = f();
+    let elapsed = start.elapsed();
+    match &result {
+        Ok(()) => println!("xtask: {name} ... ok ({:.1} s)", elapsed.as_secs_f64()),
+        Err(e) => println!("xtask: {name} ... FAILED ({:.1} s)\n{}", elapsed.as_secs_f64(), indent(e)),
+    }
+    let ok = result.is_ok();
+    results.push(Step { name: name.to_string(), result, elapsed });
+    ok
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+fn test(names_given: &[String]) -> Result<ExitCode> {
+    let selected: Vec<&scenarios::Scenario> = if names_given.is_empty() {
+        scenarios::SCENARIOS.iter().collect()
+    } else {
+        names_given
+            .iter()
+            .map(|n| scenarios::find(n).ok_or_else(|| format!("no scenario named {n:?}; known: {}", names())))
+            .collect::<Result<_>>()?
+    };
+    setup::ensure_target()?;
+    let mut results = Vec::new();
+    if names_given.is_empty() {
+        setup::ensure_components()?;
+        let meta = workspace::Members::load()?;
+        step(&mut results, "fmt", || workspace::cargo(&["fmt", "--all", "--check"]));
+        step(&mut results, "host-tests", || {
+            let mut a = vec!["test", "--workspace"];
+            for p in &meta.target_only {
+                a.extend(["--exclude", p.as_str()]);
+            }
+            workspace::cargo(&a)
+        });
+        step(&mut results, "clippy-host", || {
+            let mut a = vec!["clippy", "--workspace", "--all-targets"];
+            for p in &meta.target_only {
+                a.extend(["--exclude", p.as_str()]);
+            }
+            a.extend(["--", "-D", "warnings"]);
+            workspace::cargo(&a)
+        });
+        step(&mut results, "clippy-target", || {
+            let mut a = vec!["clippy", "--release", "--target", TARGET];
+            for p in &meta.bare_metal {
+                a.extend(["-p", p.as_str()]);
+            }
+            a.extend(["--", "-D", "warnings"]);
+            workspace::cargo(&a)
+        });
+    }
+    let mut image = None;
+    let built = step(&mut results, "build-image", || {
+        image = Some(build()?);
+        Ok(())
+    });
+    let mut table = None;
+    if let (true, Some(img)) = (built, image.as_ref()) {
+        step(&mut results, "defmt-section", || {
+            let elf = std::fs::read(img).map_err(|e| format!("reading {}: {e}", img.display()))?;
+            let size = conduit_qemu_tests::decode::check_defmt_section(&elf)?;
+            println!("    .defmt section: {size} bytes");
+            table = Some(LogTable::from_elf(&elf).map(Arc::new)?);
+            Ok(())
+        });
+    }
+    let qemu_bin = setup::find_or_install_qemu();
+    for s in selected {
+        let name = format!("scenario {}", s.name);
+        step(&mut results, &name, || {
+            let qemu_bin = qemu_bin.as_ref().map_err(Clone::clone)?;
+            let (Some(img), Some(table)) = (image.as_ref(), table.as_ref()) else {
+                return Err("no image to boot (build or .defmt check failed)".into());
+            };
+            let outcome = qemu::run(qemu_bin, img, table.clone(), s, &RunOptions::default(), |_| {})
+                .map_err(|e| format!("running QEMU: {e}"))?;
+            judge(s, &outcome).map_err(|problems| {
+                let mut msg = problems.join("\n");
+                msg.push_str("\n--- COM1 (last 40 lines)");
+                for l in outcome.console.iter().rev().take(40).rev() {
+                    msg.push_str(&format!("\n{l}"));
+                }
+                msg.push_str("\n--- defmt log (last 20 lines)");
+                for l in outcome.log.iter().rev().take(20).rev() {
+                    msg.push_str(&format!("\n{l}"));
+                }
+                for l in &outcome.stderr {
+                    msg.push_str(&format!("\n[qemu] {l}"));
+                }
+                msg
+            })
+        });
+    }
+    let failed = results.iter().filter(|r| r.result.is_err()).count();
+    let passed = results.len() - failed;
+    let total: Duration = results.iter().map(|r| r.elapsed).sum();
+    println!();
+    for r in results.iter().filter(|r| r.result.is_err()) {
+        println!("failed: {}", r.name);
+    }
+    println!("{passed} passed, {failed} failed ({:.1} s)", total.as_secs_f64());
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

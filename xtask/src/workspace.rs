@@ -1,0 +1,71 @@
+//! Cargo invocations and what the workspace says about its members: which build for the
+//! bare-metal target (`[package.metadata.conduit] target = true`) and which build only there
+//! (`host = false`, the kernel image).
+
+use crate::Result;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The image `build` produces.
+pub fn image_path() -> PathBuf {
+    root().join("target").join(crate::TARGET).join("release").join("conduit")
+}
+
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs cargo with `args` at the root, output shown; an error names the command.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
+}
+
+/// Workspace members by role.
+#[derive(Debug, Default)]
+pub struct Members {
+    /// Build for x86_64-unknown-none (clippy runs there for them).
+    pub bare_metal: Vec<String>,
+    /// Build only for x86_64-unknown-none (excluded from host tests and host clippy).
+    pub target_only: Vec<String>,
+}
+
+impl Members {
+    /// Reads `cargo metadata`.
+    pub fn load() -> Result<Self> {
+        let out = Command::new(cargo_bin())
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .current_dir(root())
+            .output()
+            .map_err(|e| format!("could not start cargo metadata: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata output: {e}"))?;
+        let mut m = Members::default();
+        for p in v["packages"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or_default().to_string();
+            let conduit = &p["metadata"]["conduit"];
+            if conduit["target"].as_bool() == Some(true) {
+                m.bare_metal.push(name.clone());
+            }
+            if conduit["host"].as_bool() == Some(false) {
+                m.target_only.push(name);
+            }
+        }
+        if m.bare_metal.is_empty() {
+            return Err("no workspace member is marked `[package.metadata.conduit] target = true`".into());
+        }
+        Ok(m)
+    }
+}
