@@ -8,6 +8,10 @@ use conduit_mem::{FOUR_GIB, PAGE_SIZE, PhysRange, PhysRead, PhysReadError};
 /// Protocol number passed from a protocol entry to `common_start32` in `%edi`.
 pub const PROTOCOL_PVH: u32 = 1;
 
+/// CR0 for long mode: PG | WP | NE | ET | MP | PE, CD and NW clear (caches enabled whatever
+/// the loader or INIT left).
+pub const CR0_LONG_MODE: u32 = 0x8001_0033;
+
 /// Size of the bootstrap processor's boot stack.
 pub const BOOT_STACK_BYTES: u64 = 256 * 1024;
 
@@ -60,8 +64,7 @@ common_start32:
     cmp ecx, 2048
     jb 2b
 
-    mov eax, cr4
-    or eax, 1 << 5             /* PAE */
+    mov eax, 1 << 5            /* CR4: PAE only; nothing the loader left */
     mov cr4, eax
     mov eax, offset conduit_boot_pml4
     mov cr3, eax
@@ -72,14 +75,13 @@ common_start32:
     jz 3f
     or eax, 1 << 11            /* NXE when the CPU has NX */
 3:  wrmsr
-    mov eax, cr0
-    or eax, 0x80010001         /* PG | WP | PE */
+    mov eax, {cr0}             /* PG | WP | NE | ET | MP | PE: caches on whatever CD/NW were */
     mov cr0, eax
     lgdt [conduit_boot_gdtr]
-    mov eax, offset .Lconduit_boot_long_mode
-    push 0x08
-    push eax
-    retf
+    /* Far jump to 64-bit code: no stack is needed (PVH leaves ESP/SS unspecified). */
+    .byte 0xea
+    .long .Lconduit_boot_long_mode
+    .word 0x08
 
 90: /* No long mode: say so on COM1 and give QEMU the failure verdict. */
     mov esi, offset conduit_boot_no_long_mode
@@ -116,8 +118,8 @@ common_start32:
     .balign 16
 conduit_boot_gdt:
     .quad 0
-    .quad 0x00af9a000000ffff   /* 0x08: 64-bit code */
-    .quad 0x00cf92000000ffff   /* 0x10: data */
+    .quad 0x00af9b000000ffff   /* 0x08: 64-bit code (accessed bit preset: the GDT is read-only) */
+    .quad 0x00cf93000000ffff   /* 0x10: data (accessed) */
 conduit_boot_gdt_end:
 conduit_boot_gdtr:
     .word conduit_boot_gdt_end - conduit_boot_gdt - 1
@@ -150,6 +152,7 @@ conduit_boot_pd:
     exit_port = const crate::verdict::DEBUG_EXIT_PORT,
     exit_failure = const crate::verdict::FAILURE,
     stack_bytes = const BOOT_STACK_BYTES,
+    cr0 = const CR0_LONG_MODE,
 );
 
 unsafe extern "C" {
@@ -179,9 +182,22 @@ pub fn boot_stack() -> (PhysRange, u64) {
     (PhysRange::new(guard + PAGE_SIZE, top), guard)
 }
 
-/// Reads physical memory through the early identity map: anything in (0, 4 GiB). Address 0
-/// itself is refused (a null pointer); the rest of page 0 is readable (QEMU's PVH loader puts
-/// `hvm_start_info` there).
+/// The x86 fixed device-register window (I/O APIC, HPET, local APIC, flash): never read as
+/// memory.
+const FIXED_MMIO: (u64, u64) = (0xfec0_0000, FOUR_GIB);
+
+static EARLY_MAP_RETIRED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Marks the early identity map as gone; from now on `EarlyPhys` refuses every read. The
+/// kernel calls it right before it loads its own page tables.
+pub fn retire_early_map() {
+    EARLY_MAP_RETIRED.store(true, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Reads firmware structures (boot protocol, ACPI) through the early identity map while it is
+/// active: anything in (0, 4 GiB) outside the fixed MMIO window. Address 0 itself is refused
+/// (a null pointer); the rest of page 0 is readable (QEMU's PVH loader puts `hvm_start_info`
+/// there). After `retire_early_map` every read fails.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EarlyPhys;
 
@@ -189,17 +205,17 @@ impl PhysRead for EarlyPhys {
     fn read_bytes(&self, paddr: u64, buf: &mut [u8]) -> Result<(), PhysReadError> {
         let err = PhysReadError { paddr, len: buf.len() };
         let end = paddr.checked_add(buf.len() as u64).ok_or(err)?;
-        if paddr == 0 || end > FOUR_GIB {
+        let in_mmio = paddr < FIXED_MMIO.1 && end > FIXED_MMIO.0;
+        if paddr == 0 || end > FOUR_GIB || in_mmio || EARLY_MAP_RETIRED.load(core::sync::atomic::Ordering::SeqCst) {
             return Err(err);
         }
         // SAFETY:
-        // 1. `[paddr, end)` lies in (0, 4 GiB), which the early identity map covers
-        //    (built by common_start32, active until the kernel loads its own tables, which
-        //    map the same RAM and firmware areas the same way), so the source is mapped and
-        //    non-null.
-        // 2. The bytes are plain memory (firmware tables and boot structures): any bit pattern
-        //    is a valid u8, and `buf` is a distinct, exclusively borrowed Rust buffer, so the
-        //    ranges do not overlap.
+        // 1. The early identity map (built by common_start32) is still the active one: the
+        //    kernel retires it (making this branch unreachable) before loading its own tables.
+        //    It maps all of [0, 4 GiB), so `[paddr, end)` is mapped and non-null.
+        // 2. The range is outside the fixed device-register window, so the copy reads memory,
+        //    not registers with read side effects; any bit pattern is a valid u8, and `buf` is
+        //    a distinct, exclusively borrowed Rust buffer, so the ranges do not overlap.
         unsafe {
             core::ptr::copy_nonoverlapping(paddr as *const u8, buf.as_mut_ptr(), buf.len());
         }

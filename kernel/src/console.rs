@@ -18,6 +18,8 @@ const EMERGENCY_LOCK_ATTEMPTS: u32 = 1_000_000;
 
 static CONSOLE: IrqMutex<Option<Serial>> = IrqMutex::new(None);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Ports opened so far (bit 0 COM1, bit 1 COM2).
+static OPENED: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
 
 /// A 16550 UART with bounded sends.
 #[derive(Debug)]
@@ -26,12 +28,21 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// Initializes the UART at `port` (8-N-1, FIFOs on). `None` when no UART answers.
+    /// Initializes the UART at `port` (COM1 or COM2; 8-N-1, FIFOs on). `None` for another
+    /// port, a port already opened, or when no UART answers.
     pub fn open(port: u16) -> Option<Self> {
+        let bit = match port {
+            COM1 => 1,
+            crate::log::COM2 => 2,
+            _ => return None,
+        };
+        if OPENED.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return None;
+        }
         // SAFETY:
-        // 1. `port` is a standard COM port base whose 8 registers belong to this driver only:
-        //    each port is opened once (COM1 here, COM2 in `log`), and the fatal-path writer
-        //    below only writes THR/reads LSR after failing to get this lock.
+        // 1. `port` is COM1 or COM2, whose 8 registers belong to this driver only: `OPENED`
+        //    lets each be opened once, and the fatal-path writer below only writes THR/reads
+        //    LSR of COM1 after failing to get the console lock, when the system is going down.
         let mut uart = unsafe { Uart16550::new_port(port) }.ok()?;
         uart.init(Config::default()).ok()?;
         Some(Self { uart })

@@ -27,9 +27,10 @@ struct Channel {
 struct ChannelCell(UnsafeCell<Channel>);
 
 // SAFETY:
-// 1. The channel is reached only through `channel()`, which is called only between a
-//    successful `acquire` (OWNER == this CPU, not nested) and the matching `release`, so at
-//    most one CPU at a time, and never re-entrantly (nested frames return before touching it).
+// 1. The channel is reached only through `channel()`, called once per logger call
+//    (`with_channel`, or `init`), only between a successful `acquire` (OWNER == this CPU, not
+//    nested) and the matching `release`, or in `init` while OWNER is held: at most one CPU at a
+//    time, one live `&mut` at a time (nested frames return before touching it).
 unsafe impl Sync for ChannelCell {}
 
 static CHANNEL: ChannelCell = ChannelCell(UnsafeCell::new(Channel { encoder: defmt::Encoder::new(), serial: None }));
@@ -63,12 +64,20 @@ pub fn nested_dropped() -> u64 {
     NESTED_DROPPED.load(Ordering::Relaxed)
 }
 
-fn emit(bytes: &[u8]) {
-    // SAFETY: `emit` is only passed to the encoder from within acquire/write/release of a
-    // non-nested frame, while this CPU holds the logger.
-    if let Some(s) = unsafe { channel() }.serial.as_mut() {
-        s.send(bytes);
-    }
+/// Runs `f` with the encoder and a sink that sends encoded bytes to COM2, from one borrow of
+/// the channel (the encoder and the UART are disjoint fields, so no reference overlaps).
+///
+/// # Safety
+/// As for `channel()`: the caller holds the logger and the frame is not nested.
+unsafe fn with_channel(f: impl FnOnce(&mut defmt::Encoder, &mut dyn FnMut(&[u8]))) {
+    // SAFETY: the caller's obligation.
+    let Channel { encoder, serial } = unsafe { channel() };
+    let mut sink = |bytes: &[u8]| {
+        if let Some(s) = serial.as_mut() {
+            s.send(bytes);
+        }
+    };
+    f(encoder, &mut sink);
 }
 
 #[defmt::global_logger]
@@ -96,7 +105,7 @@ unsafe impl defmt::Logger for Logger {
         }
         INTERRUPTS_WERE_ENABLED.store(were, Ordering::Relaxed);
         // SAFETY: this CPU now holds the logger, not nested.
-        unsafe { channel() }.encoder.start_frame(emit);
+        unsafe { with_channel(|e, sink| e.start_frame(sink)) };
     }
 
     unsafe fn flush() {}
@@ -108,7 +117,7 @@ unsafe impl defmt::Logger for Logger {
             return;
         }
         // SAFETY: this CPU holds the logger (defmt pairs release with acquire), not nested.
-        unsafe { channel() }.encoder.end_frame(emit);
+        unsafe { with_channel(|e, sink| e.end_frame(sink)) };
         let were = INTERRUPTS_WERE_ENABLED.load(Ordering::Relaxed);
         OWNER.store(0, Ordering::Release);
         if were {
@@ -121,7 +130,7 @@ unsafe impl defmt::Logger for Logger {
             return;
         }
         // SAFETY: this CPU holds the logger (defmt calls write between acquire and release).
-        unsafe { channel() }.encoder.write(bytes, emit);
+        unsafe { with_channel(|e, sink| e.write(bytes, sink)) };
     }
 }
 

@@ -14,11 +14,12 @@ mod console;
 mod exit;
 mod log;
 mod mem;
+mod pci;
 mod scenarios;
 mod sync;
 
 use arch::{apic, cpu, paging, smp, time};
-use conduit_acpi::{AcpiError, Madt, Signature, Tables, find_rsdp};
+use conduit_acpi::{AcpiError, Madt, Mcfg, Signature, Tables, find_rsdp};
 use conduit_boot::{BootError, BootRecord};
 use conduit_mem::{MemoryMap, PhysRange};
 use exit::{Verdict, exit};
@@ -49,6 +50,10 @@ pub struct Platform {
     pub aps_started: usize,
     /// The kernel's PML4.
     pub page_table_root: u64,
+    /// ECAM windows (empty: legacy config access only).
+    pub mcfg: Mcfg,
+    /// PCI functions enumerated at boot.
+    pub pci_functions: usize,
 }
 
 /// Why bring-up failed.
@@ -63,6 +68,15 @@ enum BringUpError {
     Apic(conduit_apic::ApicError),
     Smp(smp::SmpError),
     TooManyExclusions,
+    /// A device-register range from ACPI overlaps RAM, firmware tables or the image.
+    MmioOverlapsMemory(u64),
+    /// The MADT's local APIC address differs from IA32_APIC_BASE.
+    LapicBaseMismatch {
+        madt: u64,
+        msr: u64,
+    },
+    /// The AP trampoline page is not free conventional memory.
+    TrampolinePageUnusable,
 }
 
 impl From<AcpiError> for BringUpError {
@@ -118,6 +132,14 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         println!("acpi: table at {:#x} rejected: {:?}", at, e);
     }
     let madt = Madt::parse(&early, acpi.find(Signature::MADT).ok_or(BringUpError::NoMadt)?)?;
+    let mcfg = match acpi.find(Signature::MCFG) {
+        Some(t) => Mcfg::parse(&early, t)?,
+        None => Mcfg::default(),
+    };
+    match acpi.find(Signature::DMAR) {
+        Some(t) => defmt::info!("acpi: DMAR located at {=u64:#x} ({=u32} bytes)", t.paddr, t.len),
+        None => defmt::info!("acpi: no DMAR: no VT-d IOMMU"),
+    }
 
     // Memory: normalize the map, keep out everything that lives in RAM.
     let map = MemoryMap::normalize(&record.memory_map).map_err(BringUpError::Map)?;
@@ -127,8 +149,16 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     }
     let mut exclusions: Vec<PhysRange, { conduit_mem::map::MAX_EXCLUSIONS }> = Vec::new();
     let (boot_stack, _) = conduit_boot::entry::boot_stack();
-    let in_ram =
-        [mem::image_range(), boot_stack, PhysRange::new(smp::TRAMPOLINE_PADDR, smp::TRAMPOLINE_PADDR + 0x1000)];
+    let trampoline = PhysRange::new(smp::TRAMPOLINE_PADDR, smp::TRAMPOLINE_PADDR + 0x1000);
+    let trampoline_free = map.kind_at(trampoline.start) == Some(conduit_mem::MemoryKind::Usable)
+        && map.kind_at(trampoline.end - 1) == Some(conduit_mem::MemoryKind::Usable)
+        && !record.boot_data.iter().chain(record.modules.iter().map(|m| &m.range)).any(|r| r.overlaps(&trampoline));
+    if !trampoline_free {
+        return Err(BringUpError::TrampolinePageUnusable);
+    }
+    // Beyond the CPU's physical address width nothing can be mapped.
+    let unreachable = PhysRange::new(features.max_phys_addr, u64::MAX);
+    let in_ram = [mem::image_range(), boot_stack, trampoline, unreachable];
     for r in in_ram
         .into_iter()
         .chain(record.boot_data.iter().copied())
@@ -139,11 +169,36 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     }
     let memory = mem::init(&map, &exclusions).map_err(BringUpError::Memory)?;
 
+    // Device registers named by ACPI: the local APIC must be where the CPU says, and no
+    // register range may alias RAM, firmware tables or the image.
+    let lapic_msr = apic::msr_base();
+    if madt.local_apic_paddr != lapic_msr {
+        return Err(BringUpError::LapicBaseMismatch { madt: madt.local_apic_paddr, msr: lapic_msr });
+    }
     // The kernel's own page tables.
-    let mut mmio: Vec<PhysRange, 9> = Vec::new();
+    let mut mmio: Vec<PhysRange, { 1 + conduit_acpi::madt::MAX_IOAPICS + conduit_acpi::mcfg::MAX_WINDOWS }> =
+        Vec::new();
     let _ = mmio.push(PhysRange::new(madt.local_apic_paddr, madt.local_apic_paddr + apic::XAPIC_MMIO_BYTES));
     for io in &madt.ioapics {
         let _ = mmio.push(PhysRange::new(io.paddr, io.paddr + apic::IOAPIC_MMIO_BYTES));
+    }
+    for w in &mcfg.windows {
+        let _ = mmio.push(PhysRange::new(w.start(), w.start() + w.len_bytes()));
+    }
+    for m in &mmio {
+        let r = m.align_outward(0x1000);
+        let ram = map.regions().iter().any(|reg| {
+            reg.range.overlaps(&r)
+                && matches!(
+                    reg.kind,
+                    conduit_mem::MemoryKind::Usable
+                        | conduit_mem::MemoryKind::AcpiReclaimable
+                        | conduit_mem::MemoryKind::AcpiNvs
+                )
+        });
+        if ram || r.overlaps(&mem::image_range()) || acpi.ranges().any(|t| t.overlaps(&r)) {
+            return Err(BringUpError::MmioOverlapsMemory(m.start));
+        }
     }
     let firmware: Vec<PhysRange, { conduit_acpi::MAX_TABLES + 2 }> = acpi.ranges().collect();
     let (_, boot_guard) = conduit_boot::entry::boot_stack();
@@ -154,7 +209,12 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     }
     let layout = paging::Layout { firmware: &firmware, mmio: &mmio, guards: &guards };
     let page_table_root = paging::init(&map, &layout, &features).map_err(BringUpError::Paging)?;
-    defmt::info!("paging: kernel tables at {=u64:#x}, W^X image, {=usize} guard pages", page_table_root, guards.len());
+    defmt::info!(
+        "paging: kernel tables at {=u64:#x}, W^X image, {=usize} guard pages, largest page {=str}",
+        page_table_root,
+        guards.len(),
+        if features.pdpe1gb { "1G" } else { "2M" }
+    );
 
     // Interrupt controllers and time.
     arch::interrupts::init();
@@ -162,10 +222,8 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     let bsp_apic_id = apic::enable_this_cpu()?;
     arch::percpu::this_cpu().apic_id.store(bsp_apic_id, core::sync::atomic::Ordering::Relaxed);
     apic::disable_pic();
-    let mut ioapic_pins_masked = 0;
-    for io in &madt.ioapics {
-        ioapic_pins_masked += apic::mask_ioapic(io.paddr);
-    }
+    apic::register_ioapics(madt.ioapics.iter().map(|io| io.paddr));
+    let ioapic_pins_masked = apic::mask_all_ioapics();
     let clocks = time::calibrate()?;
     defmt::info!(
         "time: tsc {=u64} kHz, apic timer {=u64} kHz (divide 16)",
@@ -174,8 +232,17 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     );
     x86_64::instructions::interrupts::enable();
 
+    // PCI: config access and the inventory.
+    let (pci_functions, pci_problems) = pci::init(&mcfg.windows);
+    println!(
+        "boot: pci: {} functions ({} problems) through {}",
+        pci_functions,
+        pci_problems,
+        if mcfg.windows.is_empty() { "legacy ports" } else { "ECAM" }
+    );
+
     // Application processors.
-    let aps_started = smp::start_aps(&madt, bsp_apic_id, features.nx).map_err(BringUpError::Smp)?;
+    let aps_started = smp::start_aps(&madt, bsp_apic_id, features.nx, features.x2apic).map_err(BringUpError::Smp)?;
     println!("boot: {} of {} CPUs online", smp::online(), madt.enabled_cpus().count());
 
     static PLATFORM: spin::Once<Platform> = spin::Once::new();
@@ -190,6 +257,8 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         ioapic_pins_masked,
         aps_started,
         page_table_root,
+        mcfg,
+        pci_functions,
     }))
 }
 

@@ -24,9 +24,9 @@ pub fn judge(s: &Scenario, o: &Outcome) -> Result<(), Vec<String>> {
         let lines = if stream == Stream::Console { &console } else { &log };
         let mut at = 0usize;
         for m in s.markers.iter().filter(|m| m.stream == stream) {
-            match lines[at..].iter().position(|l| l.contains(m.text)) {
+            match lines[at..].iter().position(|l| m.matches(l)) {
                 Some(i) => at += i,
-                None if lines.iter().any(|l| l.contains(m.text)) => {
+                None if lines.iter().any(|l| m.matches(l)) => {
                     problems.push(format!("{stream:?} marker out of order: {:?}", m.text));
                 }
                 None => problems.push(format!("missing {stream:?} marker: {:?}", m.text)),
@@ -51,15 +51,18 @@ pub fn judge(s: &Scenario, o: &Outcome) -> Result<(), Vec<String>> {
 mod tests {
     use super::*;
     use crate::decode::LogLine;
-    use crate::scenarios::{Expect, console, log};
+    use crate::scenarios::{Expect, console, console_line, log};
     use std::time::Duration;
 
     const S: Scenario = Scenario {
         name: "t",
+        sequence: None,
+        cpu: crate::scenarios::DEFAULT_CPU,
         about: "",
         smp: 1,
         memory_mib: 64,
         qemu_args: &[],
+        disks: &[],
         markers: &[console("a"), console("b"), log("x")],
         forbidden: &["PANIC"],
         expect: Expect::Success,
@@ -104,6 +107,17 @@ mod tests {
         assert!(p.iter().any(|x| x.contains("no defmt line")));
         assert!(p.iter().any(|x| x.contains("timed out")));
         assert!(p.iter().any(|x| x.contains("did not exit")));
+    }
+
+    #[test]
+    fn whole_line_markers_reject_longer_lines() {
+        const MARKERS: &[crate::scenarios::Marker] = &[console_line("pci: a b"), log("x")];
+        let s = Scenario { markers: MARKERS, ..S };
+        let mut o = good();
+        o.console = vec!["pci: a b c".into()];
+        assert!(judge(&s, &o).unwrap_err().iter().any(|p| p.contains("missing Console marker")));
+        o.console = vec!["pci: a b  ".into()];
+        assert_eq!(judge(&s, &o), Ok(()));
     }
 
     #[test]

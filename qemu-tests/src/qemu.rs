@@ -89,13 +89,18 @@ pub fn common_args(socket: &Path) -> Vec<String> {
     .collect()
 }
 
-/// The whole QEMU argument list for `scenario` booting `kernel`.
-pub fn command_line(scenario: &Scenario, kernel: &Path, socket: &Path, opts: &RunOptions) -> Vec<String> {
+/// The whole QEMU argument list for `scenario` booting `kernel`; disk images live in `dir`.
+pub fn command_line(scenario: &Scenario, kernel: &Path, socket: &Path, dir: &Path, opts: &RunOptions) -> Vec<String> {
     let mut args = common_args(socket);
+    for d in scenario.disks {
+        args.push("-drive".into());
+        args.push(format!("file={},if=none,id={},format=raw", dir.join(format!("{}.img", d.id)).display(), d.id));
+    }
     args.extend(opts.accel_args.iter().cloned());
+    args.extend(["-cpu".into(), scenario.cpu.into()]);
     args.extend(["-m".into(), format!("{}M", scenario.memory_mib), "-smp".into(), scenario.smp.to_string()]);
     args.extend(["-kernel".into(), kernel.display().to_string()]);
-    args.extend(["-append".into(), format!("conduit.scenario={}", scenario.name)]);
+    args.extend(["-append".into(), format!("conduit.scenario={}", scenario.sequence())]);
     args.extend(scenario.qemu_args.iter().map(|s| s.to_string()));
     if opts.gdb {
         args.extend(["-s".into(), "-S".into()]);
@@ -126,7 +131,10 @@ pub fn run(
     let (socket, dir) = socket_path()?;
     let listener = UnixListener::bind(&socket)?;
     listener.set_nonblocking(true)?;
-    let args = command_line(scenario, kernel, &socket, opts);
+    for d in scenario.disks {
+        std::fs::File::create(dir.join(format!("{}.img", d.id)))?.set_len(d.bytes)?;
+    }
+    let args = command_line(scenario, kernel, &socket, &dir, opts);
     let start = Instant::now();
     let mut child =
         Command::new(qemu).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
@@ -226,7 +234,7 @@ mod tests {
     #[test]
     fn command_line_has_what_every_run_needs() {
         let s = find("smp_two_cpus").unwrap();
-        let args = command_line(s, Path::new("/k"), Path::new("/s.sock"), &RunOptions::default());
+        let args = command_line(s, Path::new("/k"), Path::new("/s.sock"), Path::new("/d"), &RunOptions::default());
         let joined = args.join(" ");
         for needle in [
             "-machine q35",
@@ -242,7 +250,13 @@ mod tests {
         ] {
             assert!(joined.contains(needle), "missing {needle:?} in {joined}");
         }
-        let gdb = command_line(s, Path::new("/k"), Path::new("/s"), &RunOptions { gdb: true, ..Default::default() });
+        let gdb = command_line(
+            s,
+            Path::new("/k"),
+            Path::new("/s"),
+            Path::new("/d"),
+            &RunOptions { gdb: true, ..Default::default() },
+        );
         assert!(gdb.ends_with(&["-s".to_string(), "-S".to_string()]));
     }
 }

@@ -12,23 +12,47 @@ pub enum Stream {
     Log,
 }
 
-/// A substring that must appear.
+/// Text that must appear: a substring of some line, or a whole line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Marker {
     /// Where.
     pub stream: Stream,
     /// What.
     pub text: &'static str,
+    /// The line must be exactly `text` (not merely contain it).
+    pub whole_line: bool,
 }
 
-/// Console marker.
+impl Marker {
+    /// True when `line` satisfies the marker.
+    pub fn matches(&self, line: &str) -> bool {
+        if self.whole_line { line.trim_end() == self.text } else { line.contains(self.text) }
+    }
+}
+
+/// Console marker (substring).
 pub const fn console(text: &'static str) -> Marker {
-    Marker { stream: Stream::Console, text }
+    Marker { stream: Stream::Console, text, whole_line: false }
 }
 
-/// Log marker.
+/// Console marker (the whole line).
+pub const fn console_line(text: &'static str) -> Marker {
+    Marker { stream: Stream::Console, text, whole_line: true }
+}
+
+/// Log marker (substring of a decoded message).
 pub const fn log(text: &'static str) -> Marker {
-    Marker { stream: Stream::Log, text }
+    Marker { stream: Stream::Log, text, whole_line: false }
+}
+
+/// A raw disk image the harness creates (zero-filled) for a run and offers to QEMU as
+/// `-drive file=…,if=none,id=ID,format=raw`; devices refer to it by `drive=ID`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// Drive ID.
+    pub id: &'static str,
+    /// Size in bytes.
+    pub bytes: u64,
 }
 
 /// The verdict a scenario must end with.
@@ -54,8 +78,12 @@ impl Expect {
 /// One scenario.
 #[derive(Clone, Copy, Debug)]
 pub struct Scenario {
-    /// Name: selects the in-hypervisor sequence (`conduit.scenario=NAME`).
+    /// Name (the in-hypervisor sequence too, unless `sequence` names another).
     pub name: &'static str,
+    /// In-hypervisor sequence (`conduit.scenario=…`) when it differs from `name`.
+    pub sequence: Option<&'static str>,
+    /// QEMU CPU model.
+    pub cpu: &'static str,
     /// One line on what it proves.
     pub about: &'static str,
     /// Virtual CPUs.
@@ -64,6 +92,8 @@ pub struct Scenario {
     pub memory_mib: u32,
     /// Devices and other QEMU arguments beyond the common set.
     pub qemu_args: &'static [&'static str],
+    /// Disk images to create.
+    pub disks: &'static [Disk],
     /// Markers that must appear, in order per stream.
     pub markers: &'static [Marker],
     /// Text that must appear in neither stream.
@@ -86,10 +116,13 @@ const NO_FAILURES: &[&str] = &["PANIC", "EXCEPTION", "FAIL", "bring-up failed", 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_smoke",
+        sequence: None,
+        cpu: DEFAULT_CPU,
         about: "boots, prints the memory map summary, checks allocator exclusions, W^X, guards, IOAPIC masking, timer",
         smp: 1,
         memory_mib: 256,
         qemu_args: &[],
+        disks: &[],
         markers: &[
             console("boot: protocol Pvh, command line \"conduit.scenario=boot_smoke\""),
             console("boot: 1 of 1 CPUs online"),
@@ -105,12 +138,14 @@ pub const SCENARIOS: &[Scenario] = &[
                 "boot_smoke: allocator excludes image, ACPI, boot data, bitmap, trampoline; alloc/free round trip ok",
             ),
             console("boot_smoke: W^X image (text R+X, rodata R, data R+W+NX), page 0 and 9 guard pages unmapped"),
+            console("boot_smoke: identity map uses 2 MiB pages at most"),
             console("timer: "),
             console("boot_smoke: all checks passed"),
             console("scenario boot_smoke: PASS"),
             console("conduit: verdict success"),
             log("acpi: APIC at "),
             log("paging: kernel tables at "),
+            log("largest page 2M"),
             log("time: tsc "),
             log("scenario boot_smoke: start"),
             log("frame allocator: "),
@@ -122,11 +157,35 @@ pub const SCENARIOS: &[Scenario] = &[
         timeout: TIMEOUT,
     },
     Scenario {
+        name: "boot_smoke_cpu_max",
+        sequence: Some("boot_smoke"),
+        cpu: "max",
+        about: "boot_smoke on QEMU's `max` CPU with 3 GiB: RAM above 4 GiB, 1 GiB pages in the kernel's identity map",
+        smp: 1,
+        memory_mib: 3072,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            log("paging: kernel tables at "),
+            log("largest page 1G"),
+            console("  [0x000100000000, 0x000140000000) usable"),
+            console("boot_smoke: W^X image (text R+X, rodata R, data R+W+NX), page 0 and 9 guard pages unmapped"),
+            console("boot_smoke: identity map uses 1 GiB pages (at 0x100000000)"),
+            console("scenario boot_smoke: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
         name: "exception_report",
+        sequence: None,
+        cpu: DEFAULT_CPU,
         about: "an armed #BP is reported and resumed; a #PF at a known address is reported and ends the run with failure",
         smp: 1,
         memory_mib: 256,
         qemu_args: &[],
+        disks: &[],
         markers: &[
             console("scenario exception_report: start"),
             console("exception (expected by the scenario, resuming) on cpu 0: #BP breakpoint (vector 3) error=0x0"),
@@ -147,10 +206,13 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "smp_two_cpus",
+        sequence: None,
+        cpu: DEFAULT_CPU,
         about: "with -smp 2 both CPUs come online, run work, take their own timer interrupt and check in",
         smp: 2,
         memory_mib: 256,
         qemu_args: &[],
+        disks: &[],
         markers: &[
             console("boot: 2 of 2 CPUs online"),
             console("smp: 2 CPUs enabled in MADT, 2 online"),
@@ -168,10 +230,13 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "panic_report",
+        sequence: None,
+        cpu: DEFAULT_CPU,
         about: "a panic prints its location and message on COM1 and ends the run with failure",
         smp: 1,
         memory_mib: 256,
         qemu_args: &[],
+        disks: &[],
         markers: &[
             console("scenario panic_report: start"),
             console("panic_report: panicking now"),
@@ -186,10 +251,13 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "stack_overflow",
+        sequence: None,
+        cpu: DEFAULT_CPU,
         about: "recursion into the boot stack's guard page is reported as a stack overflow, not memory corruption",
         smp: 1,
         memory_mib: 256,
         qemu_args: &[],
+        disks: &[],
         markers: &[
             console("stack_overflow: recursing on the boot stack until the guard page"),
             console("EXCEPTION on cpu 0: #PF page fault (vector 14) error=0x2"),
@@ -202,7 +270,125 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: Expect::Failure,
         timeout: TIMEOUT,
     },
+    Scenario {
+        name: "pci_enumerate",
+        sequence: None,
+        cpu: DEFAULT_CPU,
+        about: "ECAM enumeration finds edu, nvme, e1000e and the nvme behind a root port with the right BARs and capabilities; legacy ports agree",
+        smp: 1,
+        memory_mib: 256,
+        qemu_args: PCI_DEVICES,
+        disks: PCI_DISKS,
+        markers: &[
+            console("boot: pci: 10 functions (0 problems) through ECAM"),
+            console_line("pci: 10 functions"),
+            // q35's own functions.
+            console_line("pci: 0000:00:00.0 8086:29c0 class 060000"),
+            console_line("pci: 0000:00:01.0 1234:1111 class 030000 bar0=mem32-pf/16M bar2=mem32/4K rom/64K"),
+            // edu: one 1 MiB BAR, one 64-bit MSI vector.
+            console_line("pci: 0000:00:02.0 1234:11e8 class 00ff00 bar0=mem32/1M caps=msi@40(64bit,1vec)"),
+            // nvme: 16 KiB 64-bit BAR0, MSI-X at 0x40 with 65 entries, table BAR0+0x2000, PBA BAR0+0x3000.
+            console_line(
+                "pci: 0000:00:03.0 1b36:0010 class 010802 bar0=mem64/16K caps=msix@40(65vec,table=bar0+0x2000,pba=bar0+0x3000),exp@80(v2,rc-endpoint),pm@60",
+            ),
+            // e1000e: MSI and a 5-entry MSI-X, AER and DSN.
+            console_line(
+                "pci: 0000:00:04.0 8086:10d3 class 020000 bar0=mem32/128K bar1=mem32/128K bar2=io/32 bar3=mem32/16K rom/256K caps=pm@c8,msi@d0(64bit,1vec),exp@e0(v1,rc-endpoint),msix@a0(5vec,table=bar3+0x0,pba=bar3+0x2000) ext=aer@100,dsn@140",
+            ),
+            // The PCIe root port and the nvme behind it, on bus 1.
+            console_line(
+                "pci: 0000:00:05.0 1b36:000c class 060400 bridge 00->01..01 bar0=mem32/4K caps=exp@54(v2,root-port),msix@48(1vec,table=bar0+0x0,pba=bar0+0x800),ssvid@40 ext=aer@100,acs@148",
+            ),
+            console_line("pci: 0000:00:1f.0 8086:2918 class 060100"),
+            console_line(
+                "pci: 0000:00:1f.2 8086:2922 class 010601 bar4=io/32 bar5=mem32/4K caps=msi@80(64bit,1vec),sata@a8",
+            ),
+            console_line("pci: 0000:00:1f.3 8086:2930 class 0c0500 bar4=io/64"),
+            console_line(
+                "pci: 0000:01:00.0 1b36:0010 class 010802 bar0=mem64/16K caps=msix@40(65vec,table=bar0+0x2000,pba=bar0+0x3000),exp@80(v2,endpoint),pm@60",
+            ),
+            console("pci_enumerate: 10 functions consistent; 1 bridges followed, 1 functions behind them"),
+            console("pci_enumerate: legacy 0xCF8/0xCFC enumeration agrees with ECAM on 10 functions"),
+            console("scenario pci_enumerate: PASS"),
+            log("acpi: MCFG at "),
+            log("pci: 0000:00:03.0 bar0 mem64 at "),
+            log("pci_enumerate: 10 functions, legacy agrees on 10"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "pci_config_virtualization",
+        sequence: None,
+        cpu: DEFAULT_CPU,
+        about: "edu and nvme through their virtual config space: BAR sizing/moves stay virtual, hidden capabilities vanish, read-only bits hold",
+        smp: 1,
+        memory_mib: 256,
+        qemu_args: PCI_DEVICES,
+        disks: PCI_DISKS,
+        markers: &[
+            console(
+                "pci_config_virtualization: 0000:00:03.0 bar0 sizing returns 16K (true size 16K); guest address 0x1000000000 recorded; physical BAR unchanged",
+            ),
+            console_line("pci_config_virtualization: 0000:00:03.0 guest capability chain: msix@40,exp@80 (pm hidden)"),
+            console("pci_config_virtualization: 0000:00:03.0 command 0x0406 -> hardware 0x01"),
+            console("(INTx disable virtual)"),
+            console_line(
+                "pci_config_virtualization: 0000:00:03.0 msix enable+mask -> event; physical MSI-X untouched; guest sees 65 entries",
+            ),
+            console(
+                "pci_config_virtualization: 0000:00:03.0 4000 pseudo-random guest writes: no protected hardware bit changed",
+            ),
+            console(
+                "pci_config_virtualization: 0000:00:02.0 bar0 sizing returns 1M (true size 1M); guest address 0x80000000 recorded; physical BAR unchanged",
+            ),
+            console_line("pci_config_virtualization: 0000:00:02.0 guest capability chain: msi@40"),
+            console_line(
+                "pci_config_virtualization: 0000:00:02.0 msi address/data/enable -> 3 events; physical MSI still disabled",
+            ),
+            console(
+                "pci_config_virtualization: 0000:00:02.0 4000 pseudo-random guest writes: no protected hardware bit changed",
+            ),
+            console_line(
+                "pci_config_virtualization: 0000:00:02.0: msi hidden -> no capability list (status cap-list 0, pointer 0)",
+            ),
+            console("scenario pci_config_virtualization: PASS"),
+            log("scenario pci_config_virtualization: start"),
+            log("scenario pci_config_virtualization: PASS"),
+        ],
+        forbidden: &["PANIC", "EXCEPTION", "FAIL", "bring-up failed", "rejected", "protected bits changed"],
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
 ];
+
+/// The passthrough test bed: edu, an nvme, an e1000e, and a second nvme behind a PCIe root
+/// port, at fixed slots so addresses are stable.
+const PCI_DEVICES: &[&str] = &[
+    "-device",
+    "edu,addr=0x2",
+    "-device",
+    "nvme,serial=conduit0,drive=nvme0,addr=0x3",
+    "-device",
+    "e1000e,addr=0x4",
+    "-device",
+    "pcie-root-port,id=rp1,chassis=1,addr=0x5",
+    "-device",
+    "nvme,serial=conduit1,drive=nvme1,bus=rp1,addr=0x0",
+];
+const PCI_DISKS: &[Disk] = &[Disk { id: "nvme0", bytes: 1 << 20 }, Disk { id: "nvme1", bytes: 1 << 20 }];
+
+impl Scenario {
+    /// The in-hypervisor sequence this scenario runs.
+    pub fn sequence(&self) -> &'static str {
+        self.sequence.unwrap_or(self.name)
+    }
+}
+
+/// The CPU every scenario uses unless it says otherwise: SVM and nested paging on (later issues
+/// run guests), no x2APIC and no 1 GiB pages under TCG.
+pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
 
 /// The scenario named `name`.
 pub fn find(name: &str) -> Option<&'static Scenario> {

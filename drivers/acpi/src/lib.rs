@@ -3,15 +3,18 @@
 //! never a panic and never a read outside what the table claims (ACPI 6.5, chapter 5).
 //!
 //! Covered here: the RSDP (from the boot record or the BIOS areas), RSDT/XSDT, the FADT's
-//! pointers to the DSDT and FACS (so their memory is kept), and the MADT.
+//! pointers to the DSDT and FACS (so their memory is kept), the MADT and the MCFG. The DMAR
+//! (VT-d) is located by signature; its parser belongs to the IOMMU driver.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 pub mod madt;
+pub mod mcfg;
 mod rsdp;
 mod tables;
 
 pub use madt::Madt;
+pub use mcfg::{EcamWindow, Mcfg};
 pub use rsdp::{Rsdp, find_rsdp};
 pub use tables::{MAX_TABLES, TableRef, Tables};
 

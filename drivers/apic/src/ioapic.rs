@@ -15,6 +15,8 @@ pub const REG_VERSION: u8 = 0x01;
 pub const REG_REDIRECTION_BASE: u8 = 0x10;
 /// Redirection entry: masked (bit 16).
 pub const REDIRECTION_MASKED: u32 = 1 << 16;
+/// Most pins an I/O APIC can have: redirection registers 0x10–0xFF hold 120 entries.
+pub const MAX_PINS: u32 = 120;
 
 /// Indirect register access.
 pub trait IoApicRegs {
@@ -36,9 +38,14 @@ impl<R: IoApicRegs> IoApic<R> {
         Self { regs }
     }
 
-    /// Number of redirection entries (pins).
+    /// Number of redirection entries (pins); 0 when the version register reads all ones (no
+    /// device there), at most `MAX_PINS`.
     pub fn pins(&self) -> u32 {
-        ((self.regs.read(REG_VERSION) >> 16) & 0xff) + 1
+        let v = self.regs.read(REG_VERSION);
+        if v == u32::MAX {
+            return 0;
+        }
+        (((v >> 16) & 0xff) + 1).min(MAX_PINS)
     }
 
     /// Version number.
@@ -50,7 +57,8 @@ impl<R: IoApicRegs> IoApic<R> {
         if pin >= self.pins() {
             return Err(ApicError::InvalidPin(pin));
         }
-        Ok(REG_REDIRECTION_BASE + 2 * pin as u8)
+        // pin < MAX_PINS, so 0x10 + 2 * pin + 1 <= 0xff.
+        u8::try_from(u32::from(REG_REDIRECTION_BASE) + 2 * pin).map_err(|_| ApicError::InvalidPin(pin))
     }
 
     /// The redirection entry of `pin` (high dword << 32 | low dword).
@@ -94,10 +102,12 @@ mod tests {
 
     impl IoApicRegs for FakeIoApic {
         fn read(&self, index: u8) -> u32 {
-            self.regs.borrow()[index as usize]
+            self.regs.borrow().get(index as usize).copied().unwrap_or(u32::MAX)
         }
         fn write(&self, index: u8, value: u32) {
-            self.regs.borrow_mut()[index as usize] = value;
+            if let Some(r) = self.regs.borrow_mut().get_mut(index as usize) {
+                *r = value;
+            }
         }
     }
 
@@ -118,5 +128,17 @@ mod tests {
             assert_eq!(io.redirection(pin).unwrap(), 0x0100_0000_0001_a030 + u64::from(pin));
         }
         assert_eq!(io.mask(24), Err(ApicError::InvalidPin(24)));
+    }
+
+    #[test]
+    fn absent_or_bogus_ioapic_never_overflows() {
+        let io = IoApic::new(FakeIoApic { regs: RefCell::new([u32::MAX; 0x40]) });
+        assert_eq!(io.pins(), 0);
+        assert_eq!(io.mask_all(), 0);
+        let mut regs = [0u32; 0x40];
+        regs[REG_VERSION as usize] = 0x00ff_0011; // claims 256 pins
+        let io = IoApic::new(FakeIoApic { regs: RefCell::new(regs) });
+        assert_eq!(io.pins(), MAX_PINS);
+        assert!(io.redirection(MAX_PINS).is_err());
     }
 }

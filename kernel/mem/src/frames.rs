@@ -196,7 +196,7 @@ impl<'a> FrameAllocator<'a> {
         let bytes = count.checked_mul(PAGE_SIZE).ok_or(FrameError::BadRequest)?;
         for zi in 0..self.zones.len() {
             let z = self.zones[zi];
-            let mut start = z.range.start.next_multiple_of(align);
+            let Some(mut start) = z.range.start.checked_next_multiple_of(align) else { continue };
             while let Some(end) = start.checked_add(bytes) {
                 if end > z.range.end || end > limit {
                     break;
@@ -213,7 +213,8 @@ impl<'a> FrameAllocator<'a> {
                     // Skip past the used frame, keeping the alignment.
                     Some(used) => {
                         let after = start + (used as u64 + 1) * PAGE_SIZE;
-                        start = after.next_multiple_of(align);
+                        let Some(next) = after.checked_next_multiple_of(align) else { break };
+                        start = next;
                     }
                 }
             }
@@ -239,7 +240,7 @@ impl<'a> FrameAllocator<'a> {
     /// error frees nothing.
     pub fn free_contiguous(&mut self, addr: u64, count: u64) -> Result<(), FrameError> {
         for i in 0..count {
-            let a = addr.checked_add(i * PAGE_SIZE).ok_or(FrameError::NotManaged(addr))?;
+            let a = i.checked_mul(PAGE_SIZE).and_then(|o| addr.checked_add(o)).ok_or(FrameError::NotManaged(addr))?;
             if a % PAGE_SIZE != 0 {
                 return Err(FrameError::Unaligned(a));
             }
@@ -345,6 +346,19 @@ mod tests {
         assert_eq!(a.free_contiguous(s, 3), Err(FrameError::DoubleFree(s + 2 * PAGE_SIZE)));
         assert_eq!(a.free_frames(), before);
         assert_eq!(a.free_contiguous(s, 2), Ok(()));
+    }
+
+    #[test]
+    fn ranges_at_the_top_of_the_address_space_never_overflow() {
+        let top = [
+            PhysRange::new(0xffff_ffff_ffe0_1000, 0xffff_ffff_ffe0_2000),
+            PhysRange::new(0xffff_ffff_ffff_f000, !0xfff),
+        ];
+        let mut bm = [0u64; 1];
+        let mut a = FrameAllocator::new(&top[..1], &mut bm).unwrap();
+        assert_eq!(a.alloc_contiguous(1, 0x20_0000, u64::MAX), Err(FrameError::OutOfMemory));
+        assert_eq!(a.alloc_contiguous(1, PAGE_SIZE, u64::MAX), Ok(0xffff_ffff_ffe0_1000));
+        assert_eq!(a.free_contiguous(0xffff_ffff_ffff_f000, 4), Err(FrameError::NotManaged(0xffff_ffff_ffff_f000)));
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl MemoryMap {
                 let _ = usable.push(aligned);
             }
         }
-        let mut holes: Vec<PhysRange, MAX_EXCLUSIONS> = Vec::new();
+        let mut holes: Vec<PhysRange, { MAX_EXCLUSIONS + 1 }> = Vec::new();
         holes.push(PhysRange::new(0, LOW_MEMORY_END)).map_err(|_| MapError::TooFragmented)?;
         for e in exclusions {
             holes.push(e.align_outward(PAGE_SIZE)).map_err(|_| MapError::TooFragmented)?;
@@ -361,6 +361,15 @@ mod tests {
     fn allocatable_never_below_1mib_and_empty_is_error() {
         let m = MemoryMap::normalize(&[raw(0, 0x9fc00, 1)]).unwrap();
         assert_eq!(m.allocatable(&[]), Err(MapError::NoUsableMemory));
+    }
+
+    #[test]
+    fn the_maximum_number_of_exclusions_is_accepted() {
+        let m = MemoryMap::normalize(&[raw(0x10_0000, 0x1000_0000, 1)]).unwrap();
+        let ex: std::vec::Vec<PhysRange> = (0..MAX_EXCLUSIONS as u64)
+            .map(|i| PhysRange::new(0x20_0000 + i * 0x2000, 0x20_1000 + i * 0x2000))
+            .collect();
+        assert!(m.allocatable(&ex).is_ok());
     }
 
     #[test]

@@ -182,7 +182,9 @@ pub struct Options {
 pub trait TableMemory {
     /// A zeroed, 4 KiB-aligned frame for a new table, or `None` when memory is exhausted.
     fn alloc_table(&mut self) -> Option<u64>;
-    /// Gives back a table frame no entry points to any more.
+    /// Takes back a table frame no entry points to any more. A CPU may still hold cached
+    /// entries of it until its TLB and paging-structure caches are flushed: implementations
+    /// must not reuse the frame before that.
     fn free_table(&mut self, table: u64);
     /// Reads entry `index` of the table at `table`.
     fn read_entry(&self, table: u64, index: usize) -> u64;
@@ -244,6 +246,11 @@ impl<M: TableMemory> PageTable<M> {
     /// The table memory.
     pub fn memory(&self) -> &M {
         &self.mem
+    }
+
+    /// The table memory, mutably (to reclaim tables it holds back).
+    pub fn memory_mut(&mut self) -> &mut M {
+        &mut self.mem
     }
 
     /// Maps `[virt, virt + len)` to `[phys, phys + len)` with `attrs`, using the largest pages

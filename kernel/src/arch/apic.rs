@@ -9,7 +9,8 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use x86_64::instructions::port::Port;
 use x86_64::registers::model_specific::Msr;
 
-/// 0 = not initialized, 1 = xAPIC, 2 = x2APIC.
+/// 0 = not initialized, 1 = xAPIC everywhere, 2 = each CPU switches to x2APIC when it enables
+/// its APIC (the per-CPU flag says whether the running CPU already has).
 static MODE: AtomicU8 = AtomicU8::new(0);
 /// xAPIC register base (identity-mapped, uncached).
 static BASE: AtomicU64 = AtomicU64::new(0);
@@ -63,26 +64,42 @@ impl LocalApicRegs for Regs {
     fn write_icr(&self, destination: u32, low: u32) {
         match self.mode {
             Mode::XApic => {
-                // xAPIC: destination in ICR high bits 31:24; writing ICR low sends.
-                self.write(Register::IcrHigh, (destination & 0xff) << 24);
-                self.write(Register::IcrLow, low);
+                // xAPIC: destination in ICR high bits 31:24; writing ICR low sends. The pair
+                // must not be split by a handler on this CPU that sends an IPI itself.
+                x86_64::instructions::interrupts::without_interrupts(|| {
+                    self.write(Register::IcrHigh, (destination & 0xff) << 24);
+                    self.write(Register::IcrLow, low);
+                });
             }
-            // SAFETY: x2APIC mode is enabled (see `read`); MSR 0x830 is the 64-bit ICR.
-            Mode::X2Apic => unsafe { Msr::new(X2APIC_ICR_MSR).write(u64::from(destination) << 32 | u64::from(low)) },
+            // SAFETY:
+            // 1. x2APIC mode is enabled on this CPU (see `read`); MSR 0x830 is the 64-bit ICR.
+            // 2. `mfence; lfence` first: a WRMSR to an x2APIC register is not ordered after
+            //    earlier stores (SDM §12.12.3), and the IPI's receiver must see them (mailbox
+            //    work, the stopping flag, AP parameters). The fences touch no memory.
+            Mode::X2Apic => unsafe {
+                core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags));
+                Msr::new(X2APIC_ICR_MSR).write(u64::from(destination) << 32 | u64::from(low))
+            },
         }
     }
 }
 
-/// The running CPU's local APIC. Before `init_bsp` it reports xAPIC at base 0 and must not be
-/// used; `ready()` says whether it may.
+/// The running CPU's local APIC, in the mode this CPU is in now (a CPU is in xAPIC mode until
+/// `enable_this_cpu` switched it). Must not be used before `init_mode` (`ready()`).
 pub fn local() -> LocalApic<Regs> {
-    let mode = if MODE.load(Ordering::Acquire) == 2 { Mode::X2Apic } else { Mode::XApic };
+    let mode = if super::percpu::this_cpu().x2apic.load(Ordering::Acquire) { Mode::X2Apic } else { Mode::XApic };
     LocalApic::new(Regs { mode, base: BASE.load(Ordering::Acquire) })
 }
 
 /// True once the local APIC access is set up.
 pub fn ready() -> bool {
     MODE.load(Ordering::Acquire) != 0
+}
+
+/// The local APIC's physical base as this CPU's IA32_APIC_BASE says (bits 51:12).
+pub fn msr_base() -> u64 {
+    // SAFETY: reading IA32_APIC_BASE has no side effects; it exists on every x86-64 CPU.
+    unsafe { Msr::new(IA32_APIC_BASE).read() & 0x000f_ffff_ffff_f000 }
 }
 
 /// Chooses the mode (x2APIC when offered) and records the xAPIC base; the base page must
@@ -92,24 +109,27 @@ pub fn init_mode(base: u64, x2apic: bool) {
     MODE.store(if x2apic { 2 } else { 1 }, Ordering::Release);
 }
 
-/// Enables the local APIC of the running CPU in the chosen mode (read-modify-write of
-/// IA32_APIC_BASE keeps the base and BSP bits) and returns its ID.
+/// Enables the local APIC of the running CPU in the chosen mode and returns its ID. Read-modify-
+/// write of IA32_APIC_BASE keeps the base and BSP bits; x2APIC is entered from xAPIC-enabled
+/// (disabled → x2APIC directly is an illegal transition, SDM Figure 12-27).
 pub fn enable_this_cpu() -> Result<u32, ApicError> {
     let mut msr = Msr::new(IA32_APIC_BASE);
+    let x2 = MODE.load(Ordering::Acquire) == 2;
     // SAFETY:
-    // 1. IA32_APIC_BASE exists on every x86-64 CPU; only the enable bits are changed, the
-    //    base address and BSP flag are written back unchanged.
-    // 2. x2APIC is enabled only when CPUID reported it (MODE 2 is chosen from CPUID).
+    // 1. IA32_APIC_BASE exists on every x86-64 CPU; only the enable bits change, the base
+    //    address and BSP flag are written back unchanged.
+    // 2. Transitions are legal: disabled → xAPIC enabled, then xAPIC → x2APIC, and x2APIC
+    //    only when CPUID reported it (MODE 2 is chosen from CPUID).
     unsafe {
         let v = msr.read();
-        let mut want = v | APIC_BASE_ENABLE;
-        if MODE.load(Ordering::Acquire) == 2 {
-            want |= APIC_BASE_X2APIC;
+        if v & APIC_BASE_ENABLE == 0 {
+            msr.write(v | APIC_BASE_ENABLE);
         }
-        if want != v {
-            msr.write(want);
+        if x2 && v & APIC_BASE_X2APIC == 0 {
+            msr.write(v | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
         }
     }
+    super::percpu::this_cpu().x2apic.store(x2, Ordering::Release);
     let apic = local();
     apic.enable(vectors::SPURIOUS, vectors::APIC_ERROR)?;
     Ok(apic.id())
@@ -128,27 +148,22 @@ pub fn nmi_others() {
     apic.regs().write_icr(0, low);
 }
 
-/// An I/O APIC's IOREGSEL/IOWIN pair. Used by the bootstrap processor during bring-up only;
-/// later users must serialize access (the select/window pair is not atomic).
+/// An I/O APIC's IOREGSEL/IOWIN pair. Only the registry below builds one, from an MADT
+/// address that bring-up validated and mapped uncached; all access goes through the registry's
+/// lock (the select/window pair is not atomic).
 #[derive(Clone, Copy, Debug)]
-pub struct IoApicMmio {
+struct IoApicMmio {
     base: u64,
-}
-
-impl IoApicMmio {
-    /// The I/O APIC at `base` (already mapped uncached).
-    pub const fn new(base: u64) -> Self {
-        Self { base }
-    }
 }
 
 impl IoApicRegs for IoApicMmio {
     fn read(&self, index: u8) -> u32 {
         // SAFETY:
-        // 1. `base` is an I/O APIC window from the MADT, identity-mapped uncached by
-        //    `paging::init`; IOREGSEL (+0) and IOWIN (+0x10) are 32-bit registers inside it.
-        // 2. Only the bootstrap processor uses it, during bring-up, so select+window is not
-        //    interleaved with another CPU's.
+        // 1. `base` is an I/O APIC window from the MADT that `register_ioapics` accepted
+        //    (page-aligned, outside RAM and the image) after `paging::init` mapped it uncached;
+        //    IOREGSEL (+0) and IOWIN (+0x10) are 32-bit registers inside it.
+        // 2. Accesses run under the registry lock, so select+window is never interleaved with
+        //    another CPU's.
         unsafe {
             core::ptr::write_volatile((self.base + conduit_apic::ioapic::IOREGSEL) as *mut u32, u32::from(index));
             core::ptr::read_volatile((self.base + conduit_apic::ioapic::IOWIN) as *const u32)
@@ -164,15 +179,29 @@ impl IoApicRegs for IoApicMmio {
     }
 }
 
-/// Masks every pin of the I/O APIC at `base`; returns the pin count.
-pub fn mask_ioapic(base: u64) -> u32 {
-    IoApic::new(IoApicMmio::new(base)).mask_all()
+static IOAPICS: crate::sync::IrqMutex<heapless::Vec<IoApicMmio, { conduit_acpi::madt::MAX_IOAPICS }>> =
+    crate::sync::IrqMutex::new(heapless::Vec::new());
+
+/// Records the I/O APICs at `bases` (validated by the caller against the memory map and
+/// already mapped uncached by `paging::init`).
+pub fn register_ioapics(bases: impl Iterator<Item = u64>) {
+    let mut list = IOAPICS.lock();
+    for base in bases {
+        let _ = list.push(IoApicMmio { base });
+    }
 }
 
-/// True when every pin of the I/O APIC at `base` reads back masked.
-pub fn ioapic_all_masked(base: u64) -> bool {
-    let io = IoApic::new(IoApicMmio::new(base));
-    (0..io.pins()).all(|p| io.is_masked(p).unwrap_or(false))
+/// Masks every pin of every registered I/O APIC; returns the pin count.
+pub fn mask_all_ioapics() -> u32 {
+    IOAPICS.lock().iter().map(|io| IoApic::new(*io).mask_all()).sum()
+}
+
+/// True when every pin of every registered I/O APIC reads back masked.
+pub fn ioapics_all_masked() -> bool {
+    IOAPICS.lock().iter().all(|io| {
+        let io = IoApic::new(*io);
+        (0..io.pins()).all(|p| io.is_masked(p).unwrap_or(false))
+    })
 }
 
 /// Remaps the legacy PIC to `PIC_BASE` and masks every line.

@@ -17,6 +17,8 @@ pub struct Features {
     pub invariant_tsc: bool,
     /// Highest extended leaf.
     pub max_extended_leaf: u32,
+    /// First physical address beyond what the CPU can address (CPUID 0x8000_0008 EAX 7:0).
+    pub max_phys_addr: u64,
 }
 
 /// Reads the features of the running CPU.
@@ -26,6 +28,8 @@ pub fn features() -> Features {
     let ext = if max_ext >= 0x8000_0001 { __cpuid(0x8000_0001) } else { __cpuid_count(0, 0) };
     let power = if max_ext >= 0x8000_0007 { __cpuid(0x8000_0007).edx } else { 0 };
     let has_ext = max_ext >= 0x8000_0001;
+    // Without leaf 0x8000_0008, 36 bits (SDM Vol. 3A §4.1.4).
+    let phys_bits = if max_ext >= 0x8000_0008 { __cpuid(0x8000_0008).eax & 0xff } else { 36 };
     Features {
         nx: has_ext && ext.edx & (1 << 20) != 0,
         pdpe1gb: has_ext && ext.edx & (1 << 26) != 0,
@@ -33,5 +37,6 @@ pub fn features() -> Features {
         svm: has_ext && ext.ecx & (1 << 2) != 0,
         invariant_tsc: power & (1 << 8) != 0,
         max_extended_leaf: max_ext,
+        max_phys_addr: 1u64 << phys_bits.clamp(32, 52),
     }
 }

@@ -45,8 +45,6 @@ pub const NAMES: [&str; 32] = [
 
 /// Breakpoint vector.
 pub const BREAKPOINT: u8 = 3;
-/// Debug vector.
-pub const DEBUG: u8 = 1;
 /// NMI vector.
 pub const NMI: u8 = 2;
 
@@ -68,10 +66,11 @@ pub struct TrapRecord {
     pub r12: u64,
 }
 
-/// Arms one expected trap: the next #BP (or #DB) is reported and resumed instead of ending the
-/// run. Faults cannot be armed: returning from one would re-run the faulting instruction.
+/// Arms one expected trap: the next #BP is reported and resumed instead of ending the run.
+/// Nothing else can be armed: returning from a fault (and from an instruction-breakpoint #DB,
+/// which is fault-class) would re-run the faulting instruction.
 pub fn expect_trap(vector: u8) -> bool {
-    if vector != BREAKPOINT && vector != DEBUG {
+    if vector != BREAKPOINT {
         return false;
     }
     LAST_TRAP[0].store(0, Ordering::Relaxed);

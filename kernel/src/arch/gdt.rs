@@ -3,6 +3,7 @@
 //! stacks; every IDT gate uses one of them (see `idt::ist_for`).
 
 use super::stacks::{CpuStacks, IST_COUNT};
+use core::cell::UnsafeCell;
 use x86_64::VirtAddr;
 use x86_64::instructions::segmentation::{CS, DS, ES, SS, Segment};
 use x86_64::instructions::tables::load_tss;
@@ -12,12 +13,21 @@ use x86_64::structures::tss::TaskStateSegment;
 /// Kernel code selector in every GDT.
 pub const KERNEL_CODE: u16 = 0x08;
 
-/// One CPU's descriptor tables; built once, then loaded on that CPU.
+/// One CPU's descriptor tables; built once, then loaded on that CPU. The GDT sits in an
+/// `UnsafeCell` because the CPU writes it (`ltr` sets the TSS descriptor's busy bit).
 #[derive(Debug)]
 pub struct CpuTables {
     tss: spin::Once<TaskStateSegment>,
-    gdt: spin::Once<(GlobalDescriptorTable, Selectors)>,
+    gdt: UnsafeCell<GlobalDescriptorTable>,
+    selectors: spin::Once<Selectors>,
 }
+
+// SAFETY:
+// 1. `gdt` is written by Rust exactly once, inside `selectors.call_once` (one caller, no other
+//    reference exists yet); afterwards only the CPU writes it (the busy bit), and Rust only
+//    takes short-lived shared references to pass it to `lgdt`. `tss` and `selectors` are
+//    `spin::Once`, already `Sync`.
+unsafe impl Sync for CpuTables {}
 
 #[derive(Debug, Clone, Copy)]
 struct Selectors {
@@ -29,7 +39,11 @@ struct Selectors {
 impl CpuTables {
     /// Empty tables for a static slot.
     pub const fn new() -> Self {
-        Self { tss: spin::Once::new(), gdt: spin::Once::new() }
+        Self {
+            tss: spin::Once::new(),
+            gdt: UnsafeCell::new(GlobalDescriptorTable::new()),
+            selectors: spin::Once::new(),
+        }
     }
 
     /// Builds the TSS (IST pointers from `stacks`) and GDT, loads them on this CPU and reloads
@@ -43,21 +57,24 @@ impl CpuTables {
             tss.privilege_stack_table[0] = VirtAddr::new(stacks.kernel_top());
             tss
         });
-        let (gdt, sel) = self.gdt.call_once(|| {
-            let mut gdt = GlobalDescriptorTable::new();
+        let sel = *self.selectors.call_once(|| {
+            // SAFETY: the only Rust write to the GDT, in the one `call_once` initializer, before
+            // any reference to it exists (see the `Sync` impl).
+            let gdt = unsafe { &mut *self.gdt.get() };
             let code = gdt.append(Descriptor::kernel_code_segment());
             let data = gdt.append(Descriptor::kernel_data_segment());
             let tss = gdt.append(Descriptor::tss_segment(tss));
-            (gdt, Selectors { code, data, tss })
+            Selectors { code, data, tss }
         });
         debug_assert_eq!(sel.code.0, KERNEL_CODE);
-        gdt.load();
         // SAFETY:
-        // 1. `gdt` is 'static and now loaded; `sel.code` is its 64-bit kernel code descriptor
-        //    and `sel.data` its data descriptor, so the segment loads are valid.
+        // 1. The GDT is 'static (a static per-CPU slot) and fully built above; `lgdt` only
+        //    reads it. Its code, data and TSS descriptors are the ones the selectors name, so
+        //    the segment loads below are valid.
         // 2. `sel.tss` points at this CPU's own 'static TSS, loaded once per CPU (a second
         //    `ltr` of the same busy descriptor would #GP, and `load` runs once per CPU).
         unsafe {
+            (*self.gdt.get()).load_unsafe();
             CS::set_reg(sel.code);
             DS::set_reg(sel.data);
             ES::set_reg(sel.data);

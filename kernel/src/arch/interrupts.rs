@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// Vector assignments.
 pub mod vectors {
-    /// Legacy PIC lines are remapped here (all masked; only spurious IRQ 7/15 can appear).
+    /// Legacy PIC lines are remapped here (all masked, and LINT0 is masked too).
     pub const PIC_BASE: u8 = 0x20;
     /// Local APIC timer.
     pub const TIMER: u8 = 0x30;
@@ -49,7 +49,7 @@ pub fn unexpected_count() -> u64 {
     UNEXPECTED.load(Ordering::Relaxed)
 }
 
-/// Spurious interrupts seen (local APIC and legacy PIC).
+/// Local APIC spurious interrupts seen.
 pub fn spurious_count() -> u64 {
     SPURIOUS_COUNT.load(Ordering::Relaxed)
 }
@@ -60,8 +60,9 @@ pub fn apic_error_count() -> u64 {
 }
 
 pub(super) fn handle(vector: u8, frame: &mut Frame) {
-    let pic_spurious = vector == vectors::PIC_BASE + 7 || vector == vectors::PIC_BASE + 15;
-    if vector == vectors::SPURIOUS || pic_spurious {
+    // The legacy PIC is masked and LINT0 too, so nothing arrives through it: only the local
+    // APIC's own spurious vector goes without EOI.
+    if vector == vectors::SPURIOUS {
         SPURIOUS_COUNT.fetch_add(1, Ordering::Relaxed);
         return;
     }

@@ -9,6 +9,7 @@ pub mod gdt;
 pub mod idt;
 pub mod interrupts;
 pub mod paging;
+pub mod pci;
 pub mod percpu;
 pub mod smp;
 pub mod stacks;
@@ -17,7 +18,7 @@ pub mod time;
 /// First thing on the bootstrap processor: per-CPU pointer, GDT/TSS with its static IST
 /// stacks, IDT. From here on every exception is reported.
 pub fn init_bsp_cpu() -> &'static percpu::PerCpu {
-    let me = percpu::install(0);
+    let Some(me) = percpu::install(0) else { crate::exit::halt_forever() };
     let stacks = me.stacks.call_once(|| stacks::BSP_STACKS.layout());
     me.tables.load(stacks);
     idt::load();

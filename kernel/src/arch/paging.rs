@@ -11,9 +11,15 @@ use x86_64::PhysAddr;
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
 
-/// Table frames from the frame allocator, reached through the identity map.
+/// Table frames from the frame allocator, reached through the identity map. Private: only the
+/// kernel's own tree (built and guarded here) uses it. Freed tables are kept in `retired`
+/// until every CPU's TLB and paging-structure caches can no longer hold them.
 #[derive(Debug)]
-pub struct KernelTables;
+struct KernelTables {
+    retired: heapless::Vec<u64, 64>,
+    /// Retired tables that did not fit `retired` and were leaked instead of reused early.
+    leaked: u64,
+}
 
 impl TableMemory for KernelTables {
     fn alloc_table(&mut self) -> Option<u64> {
@@ -27,8 +33,9 @@ impl TableMemory for KernelTables {
     }
 
     fn free_table(&mut self, table: u64) {
-        if let Err(e) = crate::mem::free_frame(table) {
-            defmt::error!("paging: freeing table frame {=u64:#x} failed: {}", table, e);
+        // Not reusable yet: a CPU may still cache entries of this table.
+        if self.retired.push(table).is_err() {
+            self.leaked += 1;
         }
     }
 
@@ -42,7 +49,8 @@ impl TableMemory for KernelTables {
     }
 
     fn write_entry(&mut self, table: u64, index: usize, value: u64) {
-        // SAFETY: as in `read_entry`; the caller holds the tables' lock, so no other writer.
+        // SAFETY: as in `read_entry`; `&mut self` is only reachable through the KERNEL lock,
+        // so there is no other writer.
         unsafe { core::ptr::write_volatile((table as *mut u64).add(index % conduit_paging::ENTRIES), value) };
     }
 }
@@ -93,48 +101,54 @@ pub fn init(map: &MemoryMap, layout: &Layout<'_>, features: &super::cpu::Feature
         no_execute: features.nx,
         largest_page: if features.pdpe1gb { PageSize::Size1G } else { PageSize::Size2M },
     };
-    let mut pt = PageTable::new(KernelTables, options)?;
+    let mut pt = PageTable::new(KernelTables { retired: heapless::Vec::new(), leaked: 0 }, options)?;
     let identity = |pt: &mut PageTable<KernelTables>, r: PhysRange, attrs: Attrs| -> Result<(), MapError> {
-        let r = r.align_outward(PAGE_SIZE);
         if r.is_empty() { Ok(()) } else { pt.map(r.start, r.start, r.len(), attrs, PageSize::Size1G) }
     };
     identity(&mut pt, LOW_RAM, Attrs::DATA)?;
     identity(&mut pt, BIOS_AREA, Attrs::RODATA)?;
+    // RAM shrunk to whole pages (never a neighbour's partial page), below the CPU's physical
+    // address limit.
+    let reachable = PhysRange::new(LOW_MEMORY_END, features.max_phys_addr);
     for region in map.regions() {
         if matches!(region.kind, MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
-            let above = region.range.intersect(&PhysRange::new(LOW_MEMORY_END, u64::MAX));
-            identity(&mut pt, above, Attrs::DATA)?;
+            identity(&mut pt, region.range.intersect(&reachable).align_inward(PAGE_SIZE), Attrs::DATA)?;
         }
     }
     for fw in layout.firmware {
-        identity(&mut pt, *fw, Attrs::RODATA)?;
+        identity(&mut pt, fw.align_outward(PAGE_SIZE), Attrs::RODATA)?;
     }
+    for m in layout.mmio {
+        identity(&mut pt, m.align_outward(PAGE_SIZE), Attrs::MMIO)?;
+    }
+    // The image last: nothing above may widen its permissions.
     let (text, rodata, data) = image_sections();
     identity(&mut pt, text, Attrs::TEXT)?;
     identity(&mut pt, rodata, Attrs::RODATA)?;
     identity(&mut pt, data, Attrs::DATA)?;
-    for m in layout.mmio {
-        identity(&mut pt, *m, Attrs::MMIO)?;
-    }
     for &g in layout.guards {
         pt.unmap(g, PAGE_SIZE)?;
     }
     let root = pt.root();
+    // Nothing was ever active in the new tree: its retired frames are free to reuse.
+    for t in core::mem::take(&mut pt_memory(&mut pt).retired) {
+        let _ = crate::mem::free_frame(t);
+    }
+    conduit_boot::entry::retire_early_map();
+    let frame = PhysFrame::containing_address(PhysAddr::new(root));
+    // SAFETY:
+    // 1. `root` is the PML4 just built: it maps the running code (text, R+X), the boot stack
+    //    (data, R+W), all data, the per-CPU slots behind GS, and every table frame, as the
+    //    early map did, so execution continues without a fault.
+    // 2. EFER.NXE was set by the boot code whenever `no_execute` is used in the tables.
+    // 3. The early map is retired first, so nothing reads through it any more.
+    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
     *KERNEL.lock() = Some(pt);
-    activate(root);
     Ok(root)
 }
 
-/// Loads the kernel's tables into CR3 on this CPU (also flushes its TLB).
-pub fn activate(root: u64) {
-    let frame = PhysFrame::containing_address(PhysAddr::new(root));
-    // SAFETY:
-    // 1. `root` is the PML4 built by `init`: it maps the running code (text, R+X), the
-    //    current stack (boot stack or a CPU's kernel stack, in data/RAM, R+W), all data,
-    //    and the per-CPU/GS area, exactly as the previous tables did, so execution
-    //    continues without a fault.
-    // 2. EFER.NXE was set by the boot code whenever `no_execute` is used in the tables.
-    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+fn pt_memory(pt: &mut PageTable<KernelTables>) -> &mut KernelTables {
+    pt.memory_mut()
 }
 
 /// Physical address of the kernel's PML4.
@@ -142,30 +156,41 @@ pub fn root() -> Option<u64> {
     KERNEL.lock().as_ref().map(|pt| pt.root())
 }
 
-/// Unmaps guard pages before any CPU can have used them, then flushes this CPU's TLB.
-pub fn unmap_guards(guards: &[u64]) -> Result<(), MapError> {
+/// Unmaps guard pages while only this CPU runs (before any AP starts), then flushes this
+/// CPU's TLB and returns retired table frames to the allocator: no other CPU can hold them.
+pub fn unmap_guards_before_smp(guards: &[u64]) -> Result<(), MapError> {
     let mut guard = KERNEL.lock();
     let pt = guard.as_mut().ok_or(MapError::OutOfTables)?;
     for &g in guards {
         pt.unmap(g, PAGE_SIZE)?;
     }
     x86_64::instructions::tlb::flush_all();
+    if crate::arch::smp::online() == 1 {
+        for t in core::mem::take(&mut pt_memory(pt).retired) {
+            let _ = crate::mem::free_frame(t);
+        }
+    }
     Ok(())
 }
 
 /// The translation of `addr` in the kernel's tables.
 pub fn translate(addr: u64) -> Option<conduit_paging::Translation> {
+    KERNEL.lock().as_ref()?.translate(addr)
+}
+
+/// Like `translate`, but gives up rather than wait for the lock (fatal paths).
+fn try_translate(addr: u64) -> Option<conduit_paging::Translation> {
     KERNEL.try_lock_for(1000)?.as_ref()?.translate(addr)
 }
 
-/// True when `[addr, addr + len)` is mapped readable and writable (hypervisor data or RAM):
-/// safe to read plain words from, even on a fatal-error path.
+/// True when `[addr, addr + len)` is mapped read-write write-back memory (hypervisor data or
+/// RAM, never device registers): safe to read plain words from, even on a fatal-error path.
 pub fn is_mapped_data(addr: u64, len: u64) -> bool {
     let Some(end) = addr.checked_add(len) else { return false };
     let mut page = addr & !(PAGE_SIZE - 1);
     while page < end {
-        match translate(page) {
-            Some(t) if t.attrs.write == Write::Allow => {}
+        match try_translate(page) {
+            Some(t) if t.attrs.write == Write::Allow && t.attrs.cache == conduit_paging::Cache::WriteBack => {}
             _ => return false,
         }
         page += PAGE_SIZE;
@@ -179,7 +204,7 @@ pub fn read_u64_pair(addr: u64) -> Option<(u64, u64)> {
         return None;
     }
     // SAFETY:
-    // 1. The 16 bytes at `addr` are 8-aligned and mapped (checked just above), and they are
-    //    plain memory (RAM or hypervisor data), where any bit pattern is a valid u64.
+    // 1. The 16 bytes at `addr` are 8-aligned and mapped read-write write-back (checked just
+    //    above): plain memory (RAM or hypervisor data), where any bit pattern is a valid u64.
     unsafe { Some((core::ptr::read_volatile(addr as *const u64), core::ptr::read_volatile((addr + 8) as *const u64))) }
 }

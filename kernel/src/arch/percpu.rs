@@ -4,7 +4,7 @@
 
 use super::gdt::CpuTables;
 use super::stacks::CpuStacks;
-use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 /// Most CPUs Conduit runs on (matches the MADT parser's capacity).
 pub const MAX_CPUS: usize = conduit_acpi::madt::MAX_CPUS;
@@ -45,6 +45,8 @@ pub struct PerCpu {
     pub wakeups: AtomicU64,
     /// defmt frames started while this CPU already held the logger (from an exception).
     pub log_nesting: AtomicU32,
+    /// This CPU's local APIC is in x2APIC mode.
+    pub x2apic: AtomicBool,
     /// Pending work, or null. Only `&'static Work` values are ever stored.
     mailbox: AtomicPtr<Work>,
     /// GDT and TSS.
@@ -62,6 +64,7 @@ impl PerCpu {
             timer_ticks: AtomicU64::new(0),
             wakeups: AtomicU64::new(0),
             log_nesting: AtomicU32::new(0),
+            x2apic: AtomicBool::new(false),
             mailbox: AtomicPtr::new(core::ptr::null_mut()),
             tables: CpuTables::new(),
             stacks: spin::Once::new(),
@@ -126,12 +129,13 @@ pub fn all() -> &'static [PerCpu] {
     &CPUS
 }
 
-/// Points this CPU's GS base at slot `index`. Called first thing on each CPU.
-pub fn install(index: usize) -> &'static PerCpu {
-    let slot = &CPUS[index.min(MAX_CPUS - 1)];
+/// Points this CPU's GS base at slot `index`. Called first thing on each CPU. `None` for an
+/// index beyond the slots.
+pub fn install(index: usize) -> Option<&'static PerCpu> {
+    let slot = CPUS.get(index)?;
     // Writing IA32_GS_BASE needs no unsafe block through the x86_64 crate's GsBase::write.
     x86_64::registers::model_specific::GsBase::write(x86_64::VirtAddr::new(slot as *const PerCpu as u64));
-    slot
+    Some(slot)
 }
 
 /// The running CPU's slot.

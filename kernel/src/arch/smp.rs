@@ -61,8 +61,7 @@ ap_pm32:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movl %cr4, %eax
-    orl $0x20, %eax                         /* PAE */
+    movl $0x20, %eax                        /* CR4: PAE only */
     movl %eax, %cr4
     movl ({base} + (conduit_ap_params - conduit_ap_trampoline_start)), %eax
     movl %eax, %cr3                         /* early identity map */
@@ -71,8 +70,7 @@ ap_pm32:
     orl $0x100, %eax                        /* LME */
     orl ({base} + (conduit_ap_params - conduit_ap_trampoline_start) + 8), %eax   /* NXE */
     wrmsr
-    movl %cr0, %eax
-    orl $0x80010001, %eax                   /* PG | WP | PE */
+    movl ${cr0}, %eax                       /* PG|WP|NE|ET|MP|PE; CD/NW cleared */
     movl %eax, %cr0
     ljmpl $0x18, ${base} + (ap_lm64 - conduit_ap_trampoline_start)
 
@@ -91,9 +89,9 @@ ap_lm64:
     .balign 8
 ap_gdt:
     .quad 0
-    .quad 0x00cf9a000000ffff                /* 0x08: 32-bit code */
-    .quad 0x00cf92000000ffff                /* 0x10: data */
-    .quad 0x00af9a000000ffff                /* 0x18: 64-bit code */
+    .quad 0x00cf9b000000ffff                /* 0x08: 32-bit code (accessed) */
+    .quad 0x00cf93000000ffff                /* 0x10: data (accessed) */
+    .quad 0x00af9b000000ffff                /* 0x18: 64-bit code (accessed) */
 ap_gdt_end:
 ap_gdtr:
     .word ap_gdt_end - ap_gdt - 1
@@ -107,6 +105,7 @@ conduit_ap_trampoline_end:
     .popsection
     "#,
     base = const TRAMPOLINE_PADDR,
+    cr0 = const conduit_boot::entry::CR0_LONG_MODE,
     options(att_syntax),
 );
 
@@ -143,12 +142,36 @@ pub enum SmpError {
     NoKernelTables,
 }
 
+/// Highest APIC ID the xAPIC ICR can address (0xFF is broadcast).
+const XAPIC_MAX_ID: u32 = 0xfe;
+
+/// The CPUs to start: enabled in the MADT, not the running one, each APIC ID once, no
+/// broadcast ID, and addressable in the APIC mode in use.
+fn targets(madt: &conduit_acpi::Madt, bsp_apic_id: u32, x2apic: bool) -> heapless::Vec<u32, MAX_CPUS> {
+    let mut ids: heapless::Vec<u32, MAX_CPUS> = heapless::Vec::new();
+    for c in madt.enabled_cpus() {
+        let id = c.apic_id;
+        let addressable = if x2apic { id != u32::MAX } else { id <= XAPIC_MAX_ID };
+        if id == bsp_apic_id || !addressable || ids.contains(&id) {
+            if id != bsp_apic_id {
+                defmt::warn!("smp: skipping APIC ID {=u32:#x} (duplicate or not addressable)", id);
+            }
+            continue;
+        }
+        if ids.len() + 1 >= MAX_CPUS || ids.push(id).is_err() {
+            defmt::warn!("smp: more than {=usize} CPUs; the rest stay offline", MAX_CPUS);
+            break;
+        }
+    }
+    ids
+}
+
 /// Starts every enabled CPU of `madt` other than the running one; returns how many came
-/// online. A CPU that does not check in is reported and skipped, not fatal.
-pub fn start_aps(madt: &conduit_acpi::Madt, bsp_apic_id: u32, nx: bool) -> Result<usize, SmpError> {
+/// online. A CPU that does not check in is put back into wait-for-SIPI with INIT (so it can
+/// never run on the next CPU's parameters), reported and skipped; not fatal.
+pub fn start_aps(madt: &conduit_acpi::Madt, bsp_apic_id: u32, nx: bool, x2apic: bool) -> Result<usize, SmpError> {
     let kernel_cr3 = super::paging::root().ok_or(SmpError::NoKernelTables)?;
-    let targets: heapless::Vec<conduit_acpi::madt::Cpu, MAX_CPUS> =
-        madt.enabled_cpus().filter(|c| c.apic_id != bsp_apic_id).take(MAX_CPUS - 1).collect();
+    let targets = targets(madt, bsp_apic_id, x2apic);
     // Stacks first, for every AP, with guards unmapped before any AP runs (so no CPU can hold
     // a stale translation of a guard page).
     let mut planned = 0usize;
@@ -157,17 +180,17 @@ pub fn start_aps(madt: &conduit_acpi::Madt, bsp_apic_id: u32, nx: bool) -> Resul
         let base = crate::mem::alloc_contiguous(BLOCK_BYTES / PAGE_SIZE, PAGE_SIZE, u64::MAX)
             .map_err(|_| SmpError::NoStackMemory)?;
         let stacks = CpuStacks::at(base);
-        super::paging::unmap_guards(&stacks.guards()).map_err(SmpError::Paging)?;
+        super::paging::unmap_guards_before_smp(&stacks.guards()).map_err(SmpError::Paging)?;
         slot.stacks.call_once(|| stacks);
         planned += 1;
     }
     install_trampoline()?;
     let mut started = 0;
-    for (i, cpu) in targets.iter().enumerate().take(planned) {
+    for (i, &apic_id) in targets.iter().enumerate().take(planned) {
         let index = i + 1;
         let Some(slot) = percpu::cpu(index) else { break };
         let Some(stacks) = slot.stacks.get() else { break };
-        slot.apic_id.store(cpu.apic_id, Ordering::Relaxed);
+        slot.apic_id.store(apic_id, Ordering::Relaxed);
         write_params(ApParams {
             early_cr3: conduit_boot::entry::early_page_table_root(),
             efer_nxe: if nx { 1 << 11 } else { 0 },
@@ -177,15 +200,18 @@ pub fn start_aps(madt: &conduit_acpi::Madt, bsp_apic_id: u32, nx: bool) -> Resul
             cpu_index: index as u64,
         });
         slot.set_state(CpuState::Starting);
-        match wake(cpu.apic_id, slot) {
+        match wake(apic_id, slot) {
             Ok(()) => {
                 started += 1;
-                defmt::info!("smp: cpu {=usize} (apic {=u32}) online", index, cpu.apic_id);
+                defmt::info!("smp: cpu {=usize} (apic {=u32}) online", index, apic_id);
             }
             Err(e) => {
+                // Park it again before the parameter block is reused for the next CPU.
+                let _ = super::apic::local().send_init(apic_id);
+                super::time::delay_us(INIT_DELAY_US);
                 slot.set_state(CpuState::Offline);
-                defmt::error!("smp: cpu {=usize} (apic {=u32}) did not start: {}", index, cpu.apic_id, e);
-                crate::println!("smp: cpu {} (apic {}) did not start: {:?}", index, cpu.apic_id, e);
+                defmt::error!("smp: cpu {=usize} (apic {=u32}) did not start: {}", index, apic_id, e);
+                crate::println!("smp: cpu {} (apic {}) did not start: {:?}", index, apic_id, e);
             }
         }
     }
@@ -252,14 +278,15 @@ fn write_params(p: ApParams) {
     // 1. `dst` is the 48-byte parameter block inside the trampoline copy (8-aligned by the
     //    asm's `.balign 8`; the copy starts page-aligned), in the page described in
     //    `install_trampoline`.
-    // 2. No AP reads it concurrently: APs are started one at a time and each has checked in
-    //    (or timed out) before the next `write_params`.
+    // 2. No AP reads it concurrently: APs are started one at a time, and each has checked in
+    //    (it copied its parameters into registers before that) or was sent INIT, which stops
+    //    it, before the next `write_params`.
     unsafe { core::ptr::write_volatile(dst as *mut ApParams, p) };
 }
 
 /// Rust entry of an application processor, on its own kernel stack, kernel tables loaded.
 extern "C" fn ap_main(index: u64) -> ! {
-    let me = percpu::install(index as usize);
+    let Some(me) = percpu::install(index as usize) else { crate::exit::halt_forever() };
     let Some(stacks) = me.stacks.get() else { crate::exit::halt_forever() };
     me.tables.load(stacks);
     super::idt::load();

@@ -19,6 +19,7 @@ pub fn run(p: &Platform) -> Result<(), &'static str> {
     summary(p);
     allocator(p)?;
     protections()?;
+    large_pages(p)?;
     interrupts(p)?;
     println!("boot_smoke: all checks passed");
     Ok(())
@@ -96,10 +97,27 @@ fn protections() -> Result<(), &'static str> {
     Ok(())
 }
 
-fn interrupts(p: &Platform) -> Result<(), &'static str> {
-    for io in &p.madt.ioapics {
-        check(apic::ioapic_all_masked(io.paddr), "an I/O APIC pin is not masked")?;
+/// With 1 GiB pages available and a whole aligned GiB of RAM, the identity map must use one.
+fn large_pages(p: &Platform) -> Result<(), &'static str> {
+    const GIB: u64 = 1 << 30;
+    let whole_gib = (1..p.map.end() / GIB).map(|i| i * GIB).find(|&a| {
+        p.map.regions().iter().any(|r| {
+            r.kind == conduit_mem::MemoryKind::Usable && r.range.covers(&conduit_mem::PhysRange::new(a, a + GIB))
+        })
+    });
+    match (p.features.pdpe1gb, whole_gib) {
+        (true, Some(a)) => {
+            let t = paging::translate(a).ok_or("RAM at a GiB boundary is unmapped")?;
+            check(t.size == conduit_paging::PageSize::Size1G, "1 GiB pages are offered but not used")?;
+            println!("boot_smoke: identity map uses 1 GiB pages (at {:#x})", a);
+        }
+        _ => println!("boot_smoke: identity map uses 2 MiB pages at most"),
     }
+    Ok(())
+}
+
+fn interrupts(_p: &Platform) -> Result<(), &'static str> {
+    check(apic::ioapics_all_masked(), "an I/O APIC pin is not masked")?;
     let me = crate::arch::percpu::this_cpu();
     let before = me.timer_ticks.load(Ordering::Relaxed);
     time::start_timer(TimerMode::Periodic, TIMER_HZ).map_err(|_| "timer start failed")?;

@@ -6,6 +6,8 @@
 mod boot_smoke;
 mod exception_report;
 mod panic_report;
+mod pci_config_virtualization;
+mod pci_enumerate;
 mod smp_two_cpus;
 mod stack_overflow;
 
@@ -27,6 +29,8 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "smp_two_cpus", run: smp_two_cpus::run },
     Scenario { name: "panic_report", run: panic_report::run },
     Scenario { name: "stack_overflow", run: stack_overflow::run },
+    Scenario { name: "pci_enumerate", run: pci_enumerate::run },
+    Scenario { name: "pci_config_virtualization", run: pci_config_virtualization::run },
 ];
 
 /// Runs scenario `name`; an unknown name is a failure that lists the known ones.

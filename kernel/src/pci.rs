@@ -1,0 +1,67 @@
+//! The machine's PCI: config access chosen at boot (ECAM from the MCFG, legacy ports as
+//! fallback), the inventory enumerated once at boot and logged.
+
+use crate::arch::pci::PlatformConfig;
+use crate::sync::IrqMutex;
+use conduit_acpi::EcamWindow;
+use conduit_pci::enumerate::{Inventory, Segment, enumerate};
+use conduit_pci::summary::Summary;
+use heapless::Vec;
+
+static CONFIG: spin::Once<PlatformConfig> = spin::Once::new();
+static INVENTORY: IrqMutex<Inventory> = IrqMutex::new(Inventory::new());
+
+/// Config access for the whole machine.
+pub fn config() -> &'static PlatformConfig {
+    CONFIG.call_once(PlatformConfig::legacy_only)
+}
+
+/// The PCI segments to scan: one per ECAM window, else segment 0 through legacy ports.
+pub fn segments(windows: &[EcamWindow]) -> Vec<Segment, { conduit_acpi::mcfg::MAX_WINDOWS }> {
+    if windows.is_empty() {
+        let mut v = Vec::new();
+        let _ = v.push(Segment { segment: 0, start_bus: 0, end_bus: 255 });
+        return v;
+    }
+    windows.iter().map(|w| Segment { segment: w.segment, start_bus: w.start_bus, end_bus: w.end_bus }).collect()
+}
+
+/// Chooses config access (ECAM windows must already be mapped uncached), enumerates, logs the
+/// inventory. Returns (functions, problems).
+pub fn init(windows: &[EcamWindow]) -> (usize, usize) {
+    let cfg = CONFIG.call_once(|| PlatformConfig::new(windows, true));
+    let mut inv = INVENTORY.lock();
+    enumerate(cfg, &segments(windows), &mut inv);
+    for f in &inv.functions {
+        for b in &f.bars {
+            defmt::debug!(
+                "pci: {} bar{=u8} {=str} at {=u64:#x} size {=u64:#x}",
+                f.addr,
+                b.index,
+                b.kind.name(),
+                b.address,
+                b.size
+            );
+        }
+    }
+    for p in &inv.problems {
+        defmt::warn!("pci: {}", p);
+        crate::println!("pci: problem: {:?}", p);
+    }
+    (inv.functions.len(), inv.problems.len())
+}
+
+/// Prints the inventory, one canonical line per function, on COM1 (and the defmt log).
+pub fn print_inventory() {
+    let inv = INVENTORY.lock();
+    crate::println!("pci: {} functions", inv.functions.len());
+    for f in &inv.functions {
+        crate::println!("pci: {}", Summary(f));
+    }
+    defmt::info!("pci: inventory of {=usize} functions printed", inv.functions.len());
+}
+
+/// Runs `f` with the inventory.
+pub fn with_inventory<R>(f: impl FnOnce(&Inventory) -> R) -> R {
+    f(&INVENTORY.lock())
+}
