@@ -3,9 +3,10 @@
 //! - `build` — the hypervisor image (later also the test guests).
 //! - `run [--scenario NAME] [--gdb] [-- QEMU ARGS…]` — build, boot in QEMU, stream COM1 and the
 //!   decoded defmt log, exit with the hypervisor's verdict (default scenario: `boot_smoke`).
-//! - `test [NAME…]` — formatting, host tests, clippy (host and target, `-D warnings`), the
-//!   image and its `.defmt` check, then every QEMU scenario; with names, only the image, the
-//!   check and those scenarios. One line per step, then `N passed, N failed`.
+//! - `test [NAME…]` — formatting, host tests, clippy (host and target, `-D warnings`), the fuzz
+//!   targets (built, then a short seeded run), the image and its `.defmt` check, then every QEMU
+//!   scenario; with names, only the image, the check and those scenarios. One line per step,
+//!   then `N passed, N failed`.
 //!
 //! On a fresh machine it installs what is missing (the bare-metal Rust target; QEMU through
 //! apt when running as root) or says in one line what to run.
@@ -172,6 +173,15 @@ fn test(names_given: &[String]) -> Result<ExitCode> {
             a.extend(["--", "-D", "warnings"]);
             workspace::cargo(&a)
         });
+        for &(dir, target, runs) in workspace::FUZZ_TARGETS {
+            step(&mut results, &format!("fuzz {target}"), || {
+                setup::ensure_cargo_fuzz()?;
+                workspace::cargo_in(dir, &["fuzz", "build", "-s", "none", target])?;
+                // A short, seeded run: the target asserts its invariants, not just "no panic".
+                let runs = format!("-runs={runs}");
+                workspace::cargo_in(dir, &["fuzz", "run", "-s", "none", target, "--", &runs, "-seed=1"])
+            });
+        }
     }
     let mut image = None;
     let built = step(&mut results, "build-image", || {

@@ -82,3 +82,17 @@ pub fn find_or_install_qemu() -> Result<PathBuf> {
     }
     find_qemu().ok_or_else(|| hint.into())
 }
+
+/// Makes sure `cargo fuzz` is available (`cargo install cargo-fuzz --locked` when missing).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if output("cargo", &["fuzz", "--version"]).is_some_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+    let ok = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .stdin(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok { Ok(()) } else { Err("cargo-fuzz is missing: run `cargo install cargo-fuzz --locked`".into()) }
+}

@@ -30,6 +30,19 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
 }
 
+/// Runs cargo with `args` in `dir` (relative to the root), output shown.
+pub fn cargo_in(dir: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .current_dir(root().join(dir))
+        .status()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`cargo {}` in {dir} failed ({status})", args.join(" "))) }
+}
+
+/// Fuzz targets: (crate directory, target, runs for the smoke run in `test`).
+pub const FUZZ_TARGETS: &[(&str, &str, u32)] = &[("drivers/pci/fuzz", "vconfig", 20_000)];
+
 /// Workspace members by role.
 #[derive(Debug, Default)]
 pub struct Members {
