@@ -33,6 +33,7 @@ pub fn init(windows: &[EcamWindow]) -> (usize, usize) {
     let mut inv = INVENTORY.lock();
     enumerate(cfg, &segments(windows), &mut inv);
     for f in &inv.functions {
+        defmt::info!("pci: {}", defmt::Display2Format(&Summary(f)));
         for b in &f.bars {
             defmt::debug!(
                 "pci: {} bar{=u8} {=str} at {=u64:#x} size {=u64:#x}",

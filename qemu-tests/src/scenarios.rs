@@ -311,6 +311,7 @@ pub const SCENARIOS: &[Scenario] = &[
             console("pci_enumerate: legacy 0xCF8/0xCFC enumeration agrees with ECAM on 10 functions"),
             console("scenario pci_enumerate: PASS"),
             log("acpi: MCFG at "),
+            log("pci: 0000:00:02.0 1234:11e8 class 00ff00 bar0=mem32/1M caps=msi@40(64bit,1vec)"),
             log("pci: 0000:00:03.0 bar0 mem64 at "),
             log("pci_enumerate: 10 functions, legacy agrees on 10"),
         ],
