@@ -12,6 +12,7 @@
 mod arch;
 mod console;
 mod exit;
+mod iommu;
 mod log;
 mod mem;
 mod pci;
@@ -54,6 +55,8 @@ pub struct Platform {
     pub mcfg: Mcfg,
     /// PCI functions enumerated at boot.
     pub pci_functions: usize,
+    /// The IOMMU, when there is one.
+    pub iommu: Option<iommu::Summary>,
 }
 
 /// Why bring-up failed.
@@ -77,6 +80,10 @@ enum BringUpError {
     },
     /// The AP trampoline page is not free conventional memory.
     TrampolinePageUnusable,
+    /// The DMAR is malformed.
+    Dmar(conduit_iommu::vtd::dmar::DmarError),
+    /// The IOMMU could not be brought up.
+    Iommu(iommu::InitError),
 }
 
 impl From<AcpiError> for BringUpError {
@@ -136,9 +143,46 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         Some(t) => Mcfg::parse(&early, t)?,
         None => Mcfg::default(),
     };
-    match acpi.find(Signature::DMAR) {
-        Some(t) => defmt::info!("acpi: DMAR located at {=u64:#x} ({=u32} bytes)", t.paddr, t.len),
-        None => defmt::info!("acpi: no DMAR: no VT-d IOMMU"),
+    let dmar = match acpi.find(Signature::DMAR) {
+        Some(t) => {
+            defmt::info!("acpi: DMAR located at {=u64:#x} ({=u32} bytes)", t.paddr, t.len);
+            Some(conduit_iommu::vtd::dmar::Dmar::parse(&early, t.paddr, t.len).map_err(BringUpError::Dmar)?)
+        }
+        None => {
+            defmt::info!("acpi: no DMAR: no VT-d IOMMU");
+            None
+        }
+    };
+    if let Some(d) = &dmar {
+        for u in &d.units {
+            defmt::info!(
+                "dmar: unit at {=u64:#x} ({=u32} pages), segment {=u16}, include-all {=bool}, {=usize} scopes",
+                u.base,
+                u.pages,
+                u.segment,
+                u.include_pci_all,
+                u.scopes.len()
+            );
+        }
+        for u in &d.units {
+            for sc in &u.scopes {
+                defmt::info!(
+                    "dmar:   scope {} id {=u8} bus {=u8} path {=[?]}",
+                    sc.kind,
+                    sc.enumeration_id,
+                    sc.start_bus,
+                    sc.path.as_slice()
+                );
+            }
+        }
+        for r in &d.rmrrs {
+            defmt::info!(
+                "dmar: RMRR [{=u64:#x}, {=u64:#x}) for {=usize} devices",
+                r.range.start,
+                r.range.end,
+                r.scopes.len()
+            );
+        }
     }
 
     // Memory: normalize the map, keep out everything that lives in RAM.
@@ -185,20 +229,9 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     for w in &mcfg.windows {
         let _ = mmio.push(PhysRange::new(w.start(), w.start() + w.len_bytes()));
     }
+    mem::set_layout(&map, acpi.ranges());
     for m in &mmio {
-        let r = m.align_outward(0x1000);
-        let ram = map.regions().iter().any(|reg| {
-            reg.range.overlaps(&r)
-                && matches!(
-                    reg.kind,
-                    conduit_mem::MemoryKind::Usable
-                        | conduit_mem::MemoryKind::AcpiReclaimable
-                        | conduit_mem::MemoryKind::AcpiNvs
-                )
-        });
-        if ram || r.overlaps(&mem::image_range()) || acpi.ranges().any(|t| t.overlaps(&r)) {
-            return Err(BringUpError::MmioOverlapsMemory(m.start));
-        }
+        mem::check_mmio(*m).map_err(|_| BringUpError::MmioOverlapsMemory(m.start))?;
     }
     let firmware: Vec<PhysRange, { conduit_acpi::MAX_TABLES + 2 }> = acpi.ranges().collect();
     let (_, boot_guard) = conduit_boot::entry::boot_stack();
@@ -241,6 +274,18 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         if mcfg.windows.is_empty() { "legacy ports" } else { "ECAM" }
     );
 
+    // IOMMU: every device blocked from here on.
+    let iommu = iommu::init(dmar, bsp_apic_id).map_err(BringUpError::Iommu)?;
+    match &iommu {
+        Some(s) => println!(
+            "boot: iommu: {} VT-d unit(s), {}-level tables, interrupt remapping {}, all devices blocked",
+            s.units,
+            s.levels,
+            if s.interrupt_remapping { "on" } else { "off" }
+        ),
+        None => println!("boot: iommu: absent ({})", iommu::absent_reason().unwrap_or("?")),
+    }
+
     // Application processors.
     let aps_started = smp::start_aps(&madt, bsp_apic_id, features.nx, features.x2apic).map_err(BringUpError::Smp)?;
     println!("boot: {} of {} CPUs online", smp::online(), madt.enabled_cpus().count());
@@ -259,6 +304,7 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         page_table_root,
         mcfg,
         pci_functions,
+        iommu,
     }))
 }
 

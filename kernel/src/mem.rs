@@ -7,6 +7,43 @@ use conduit_mem::frames::{bitmap_words_for, plan_bitmap};
 use conduit_mem::{FOUR_GIB, FrameAllocator, FrameError, MapError, MemoryMap, PAGE_SIZE, PhysRange};
 
 static FRAMES: IrqMutex<Option<FrameAllocator<'static>>> = IrqMutex::new(None);
+/// The normalized memory map and the firmware table ranges, kept for checking device-register
+/// ranges at run time.
+static LAYOUT: spin::Once<(MemoryMap, heapless::Vec<PhysRange, { conduit_acpi::MAX_TABLES + 2 }>)> = spin::Once::new();
+
+/// Why a range may not be mapped as device registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum MmioError {
+    /// It overlaps RAM (usable or ACPI), the image or a firmware table.
+    AliasesMemory(u64),
+    /// The memory layout is not known yet.
+    TooEarly,
+}
+
+/// Records the layout `check_mmio` validates against (once, at boot).
+pub fn set_layout(map: &MemoryMap, firmware: impl Iterator<Item = PhysRange>) {
+    LAYOUT.call_once(|| (map.clone(), firmware.collect()));
+}
+
+/// Device registers may be mapped over `range` only if it aliases no RAM (usable or ACPI),
+/// no part of the image and no firmware table.
+pub fn check_mmio(range: PhysRange) -> Result<(), MmioError> {
+    let (map, firmware) = LAYOUT.get().ok_or(MmioError::TooEarly)?;
+    let r = range.align_outward(PAGE_SIZE);
+    let ram = map.regions().iter().any(|reg| {
+        reg.range.overlaps(&r)
+            && matches!(
+                reg.kind,
+                conduit_mem::MemoryKind::Usable
+                    | conduit_mem::MemoryKind::AcpiReclaimable
+                    | conduit_mem::MemoryKind::AcpiNvs
+            )
+    });
+    if ram || r.overlaps(&image_range()) || firmware.iter().any(|t| t.overlaps(&r)) {
+        return Err(MmioError::AliasesMemory(range.start));
+    }
+    Ok(())
+}
 
 /// Why the allocator could not be built.
 #[derive(Clone, Copy, Debug, defmt::Format)]
@@ -78,6 +115,11 @@ pub fn alloc_frame_below(limit: u64) -> Option<u64> {
 /// `count` contiguous frames aligned to `align` bytes, ending below `limit`.
 pub fn alloc_contiguous(count: u64, align: u64, limit: u64) -> Result<u64, FrameError> {
     FRAMES.lock().as_mut().ok_or(FrameError::OutOfMemory)?.alloc_contiguous(count, align, limit)
+}
+
+/// Returns `count` contiguous frames (all or nothing).
+pub fn free_contiguous(addr: u64, count: u64) -> Result<(), FrameError> {
+    FRAMES.lock().as_mut().ok_or(FrameError::NotManaged(addr))?.free_contiguous(addr, count)
 }
 
 /// Returns one frame.

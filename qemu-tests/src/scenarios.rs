@@ -125,6 +125,7 @@ pub const SCENARIOS: &[Scenario] = &[
         disks: &[],
         markers: &[
             console("boot: protocol Pvh, command line \"conduit.scenario=boot_smoke\""),
+            console("boot: iommu: absent (no DMAR table: the platform has no VT-d IOMMU)"),
             console("boot: 1 of 1 CPUs online"),
             console("memory map: "),
             console(") usable"),
@@ -139,6 +140,9 @@ pub const SCENARIOS: &[Scenario] = &[
             ),
             console("boot_smoke: W^X image (text R+X, rodata R, data R+W+NX), page 0 and 9 guard pages unmapped"),
             console("boot_smoke: identity map uses 2 MiB pages at most"),
+            console_line(
+                "boot_smoke: no IOMMU: assigning 0000:00:00.0 refused (no DMAR table: the platform has no VT-d IOMMU)",
+            ),
             console("timer: "),
             console("boot_smoke: all checks passed"),
             console("scenario boot_smoke: PASS"),
@@ -362,6 +366,107 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: Expect::Success,
         timeout: TIMEOUT,
     },
+    Scenario {
+        name: "iommu_dma_allowed",
+        sequence: None,
+        cpu: DEFAULT_CPU,
+        about: "edu DMA through a VT-d domain: bytes round-trip from one mapped IOVA through the device to another, identical",
+        smp: 1,
+        memory_mib: 256,
+        qemu_args: IOMMU_DEVICES,
+        disks: &[],
+        markers: &[
+            console("boot: iommu: 1 VT-d unit(s), 3-level tables, interrupt remapping on, all devices blocked"),
+            console("iommu_dma_allowed: 4095 bytes from IOVA 0x8000000 (phys 0x"),
+            console("through edu to IOVA 0x8100000 (phys 0x"),
+            console("): identical byte for byte, nothing written beyond"),
+            console_line("iommu_dma_allowed: 0000:00:02.0 assigned to domain 1 on unit 0; 0 faults"),
+            console("scenario iommu_dma_allowed: PASS"),
+            log("dmar: unit at 0xfed90000"),
+            log("iommu_dma_allowed: 4095 bytes round-tripped"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "iommu_dma_blocked",
+        sequence: None,
+        cpu: DEFAULT_CPU,
+        about: "edu DMA to unmapped IOVAs, hypervisor code, read-only or stale mappings, and from an unassigned device is blocked and reported with edu's source id and the right reason; a fault flood is survived",
+        smp: 1,
+        memory_mib: 256,
+        qemu_args: IOMMU_DEVICES,
+        disks: &[],
+        markers: &[
+            console(
+                "iommu_dma_blocked: write to unmapped IOVA (a real frame's address): blocked; fault sid 0x0010 (0000:00:02.0) reason 0x05 (write without write permission) write at 0x",
+            ),
+            console("owner Hypervisor"),
+            console("iommu_dma_blocked: target frame 0x"),
+            console_line(
+                "iommu_dma_blocked: write aimed at hypervisor code: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x05 (write without write permission) write at 0x200000, owner Hypervisor",
+            ),
+            console_line("iommu_dma_blocked: hypervisor text at 0x200000 unchanged"),
+            console_line(
+                "iommu_dma_blocked: write through a read-only mapping: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x05 (write without write permission) write at 0x8000000, owner Hypervisor",
+            ),
+            console_line(
+                "iommu_dma_blocked: read of unmapped IOVA: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x06 (read without read permission) read at 0x8500000, owner Hypervisor",
+            ),
+            console_line(
+                "iommu_dma_blocked: write after the mapping became read-only: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x05 (write without write permission) write at 0x8100000, owner Hypervisor",
+            ),
+            console_line(
+                "iommu_dma_blocked: read after unmap: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x06 (read without read permission) read at 0x8100000, owner Hypervisor",
+            ),
+            console_line("iommu_dma_blocked: permission change and unmap take effect at once (IOTLB invalidated)"),
+            console_line(
+                "iommu_dma_blocked: write from the unassigned device: blocked; fault sid 0x0010 (0000:00:02.0) reason 0x02 (context entry not present) write at 0x8100000, owner Unassigned",
+            ),
+            console_line("iommu_dma_blocked: unassigned device can DMA nowhere (destination unchanged)"),
+            console("iommu_dma_blocked: flood of 100 faulting transfers: "),
+            console_line(
+                "iommu_dma_blocked: after the flood the unit still translates (round trip identical) and reports faults",
+            ),
+            console("scenario iommu_dma_blocked: PASS"),
+            log("iommu_dma_blocked: write aimed at hypervisor code: fault reason 0x5 at 0x200000"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "iommu_irq_remap",
+        sequence: None,
+        cpu: DEFAULT_CPU,
+        about: "edu MSI through an IRTE arrives at the intended vector; retargeting, freeing and a foreign source id behave; the compatibility-format outcome is reported",
+        smp: 1,
+        memory_mib: 256,
+        qemu_args: IOMMU_DEVICES,
+        disks: &[],
+        markers: &[
+            console_line(
+                "iommu_irq_remap: interrupt remapping on, compatibility format not allowed (GSTS.CFIS=0), entries validate the requester ID (SVT=01)",
+            ),
+            console_line(
+                "iommu_irq_remap: edu MSI through IRTE 0 (remappable format, address 0xfee00010) arrived at vector 0x40 on cpu 0: 1 interrupt",
+            ),
+            console_line(
+                "iommu_irq_remap: IRTE 0 retargeted to vector 0x43 without touching the device: 1 interrupt there, none at 0x40",
+            ),
+            console_line("iommu_irq_remap: IRTE 0 freed: edu's MSI through it delivers nothing (0 interrupts)"),
+            console_line(
+                "iommu_irq_remap: edu (0x0010) through IRTE 0 owned by 0000:00:1f.2 (source id 0x00fa): blocked, 0 interrupts at vector 0x42",
+            ),
+            console("iommu_irq_remap: compatibility-format MSI (0xfee00000, vector 0x41): "),
+            console("scenario iommu_irq_remap: PASS"),
+            log("scenario iommu_irq_remap: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
 ];
 
 /// The passthrough test bed: edu, an nvme, an e1000e, and a second nvme behind a PCIe root
@@ -390,6 +495,9 @@ impl Scenario {
 /// The CPU every scenario uses unless it says otherwise: SVM and nested paging on (later issues
 /// run guests), no x2APIC and no 1 GiB pages under TCG.
 pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
+
+/// VT-d with interrupt remapping, and edu (the unit must come before the devices it serves).
+const IOMMU_DEVICES: &[&str] = &["-device", "intel-iommu,intremap=on", "-device", "edu,addr=0x2"];
 
 /// The scenario named `name`.
 pub fn find(name: &str) -> Option<&'static Scenario> {

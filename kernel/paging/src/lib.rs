@@ -1,5 +1,7 @@
-//! x86-64 4-level page tables: building, changing and walking them. The same format serves
-//! the hypervisor's own tables and AMD nested page tables (SDM Vol. 3A §4.5, APM Vol. 2 §15.25).
+//! Radix page tables: building, changing and walking them. Two entry formats share one walker:
+//! x86-64 (the hypervisor's own tables and AMD nested page tables; SDM Vol. 3A §4.5, APM Vol. 2
+//! §15.25) and the VT-d second-level format (IOMMU DMA remapping, VT-d spec §9.8), with 3, 4
+//! or 5 levels of 512 entries.
 //!
 //! Tables live in physical frames the caller owns; this crate reaches them only through
 //! [`TableMemory`], so all of it runs on the host against a fake. TLB invalidation is the
@@ -136,8 +138,18 @@ impl Attrs {
     pub const DATA: Self = Self { write: Write::Allow, execute: Execute::Deny, cache: Cache::WriteBack, user: false };
     /// Device registers: read + write, uncached, never executable.
     pub const MMIO: Self = Self { write: Write::Allow, execute: Execute::Deny, cache: Cache::Uncached, user: false };
+    /// DMA: the device may read.
+    pub const DMA_READ: Self =
+        Self { write: Write::Deny, execute: Execute::Deny, cache: Cache::WriteBack, user: false };
+    /// DMA: the device may read and write.
+    pub const DMA_READ_WRITE: Self = Self { write: Write::Allow, ..Self::DMA_READ };
 
     fn encode(self, size: PageSize, options: Options) -> u64 {
+        if options.format == Format::VtdSecondLevel {
+            let w = if self.write == Write::Allow { VTD_WRITE } else { 0 };
+            let ps = if size == PageSize::Size4K { 0 } else { VTD_PAGE_SIZE };
+            return VTD_READ | w | ps;
+        }
         let mut e = Pte::PRESENT;
         if self.write == Write::Allow {
             e |= Pte::WRITABLE;
@@ -157,7 +169,11 @@ impl Attrs {
         e.bits()
     }
 
-    fn decode(entry: u64) -> Self {
+    fn decode(entry: u64, format: Format) -> Self {
+        if format == Format::VtdSecondLevel {
+            let write = if entry & VTD_WRITE != 0 { Write::Allow } else { Write::Deny };
+            return Self { write, ..Self::DMA_READ };
+        }
         let e = Pte::from_bits_retain(entry);
         Self {
             write: if e.contains(Pte::WRITABLE) { Write::Allow } else { Write::Deny },
@@ -168,15 +184,74 @@ impl Attrs {
     }
 }
 
+/// Entry format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Format {
+    /// x86-64 paging: P, R/W, U/S, PWT/PCD, PS, XD.
+    X86,
+    /// VT-d second-level paging: R (bit 0), W (bit 1), PS (bit 7); a non-leaf entry is R|W.
+    /// Execute and memory type are not used (DMA is snooped; no execute requests).
+    VtdSecondLevel,
+}
+
 /// Format options fixed per table tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Options {
     /// EFER.NXE is set: bit 63 means execute-disable (else it is reserved and never set).
+    /// Ignored for VT-d.
     pub no_execute: bool,
-    /// Largest leaf the CPU supports (1 GiB needs CPUID PDPE1GB).
+    /// Largest leaf the hardware supports (1 GiB needs CPUID PDPE1GB or VT-d SLLPS bit 35).
     pub largest_page: PageSize,
+    /// Entry format.
+    pub format: Format,
+    /// Levels: 4 for x86-64; 3 (39-bit), 4 (48-bit) or 5 (57-bit) for VT-d (SAGAW).
+    pub levels: u8,
 }
+
+impl Options {
+    /// x86-64 paging with 4 levels.
+    pub const fn x86(no_execute: bool, largest_page: PageSize) -> Self {
+        Self { no_execute, largest_page, format: Format::X86, levels: 4 }
+    }
+
+    /// VT-d second-level paging with `levels` levels.
+    pub const fn vtd(levels: u8, largest_page: PageSize) -> Self {
+        Self { no_execute: false, largest_page, format: Format::VtdSecondLevel, levels }
+    }
+
+    /// First address beyond what the tree translates: the canonical lower half for x86-64,
+    /// the adjusted guest address width for VT-d.
+    pub const fn address_limit(&self) -> u64 {
+        match self.format {
+            Format::X86 => LOWER_HALF_END,
+            Format::VtdSecondLevel => 1u64 << (12 + 9 * self.levels as u32),
+        }
+    }
+
+    const fn table_entry(&self) -> u64 {
+        match self.format {
+            Format::X86 => TABLE_ENTRY,
+            Format::VtdSecondLevel => VTD_READ | VTD_WRITE,
+        }
+    }
+
+    /// Present (x86: P; VT-d: readable or writable).
+    const fn present(&self, e: u64) -> bool {
+        match self.format {
+            Format::X86 => e & Pte::PRESENT.bits() != 0,
+            Format::VtdSecondLevel => e & (VTD_READ | VTD_WRITE) != 0,
+        }
+    }
+}
+
+/// VT-d second-level entry: read permission.
+pub const VTD_READ: u64 = 1 << 0;
+/// VT-d second-level entry: write permission.
+pub const VTD_WRITE: u64 = 1 << 1;
+/// VT-d second-level entry: page size (a 2 MiB or 1 GiB leaf).
+pub const VTD_PAGE_SIZE: u64 = 1 << 7;
 
 /// Where the tables live. The kernel implements it over the identity map; tests over a map.
 pub trait TableMemory {
@@ -248,6 +323,11 @@ impl<M: TableMemory> PageTable<M> {
         &self.mem
     }
 
+    /// The options the tree was built with.
+    pub fn options(&self) -> Options {
+        self.options
+    }
+
     /// The table memory, mutably (to reclaim tables it holds back).
     pub fn memory_mut(&mut self) -> &mut M {
         &mut self.mem
@@ -256,7 +336,7 @@ impl<M: TableMemory> PageTable<M> {
     /// Maps `[virt, virt + len)` to `[phys, phys + len)` with `attrs`, using the largest pages
     /// alignment, `largest` and the CPU allow. Replaces whatever was mapped there.
     pub fn map(&mut self, virt: u64, phys: u64, len: u64, attrs: Attrs, largest: PageSize) -> Result<(), MapError> {
-        check_range(virt, len)?;
+        check_range(virt, len, self.options.address_limit())?;
         if !phys.is_multiple_of(0x1000) {
             return Err(MapError::Unaligned(phys));
         }
@@ -281,13 +361,13 @@ impl<M: TableMemory> PageTable<M> {
     /// Changes the permissions of every mapped page in the range, keeping its address
     /// (splitting large pages partly covered). Unmapped pages stay unmapped.
     pub fn protect(&mut self, virt: u64, len: u64, attrs: Attrs) -> Result<(), MapError> {
-        check_range(virt, len)?;
+        check_range(virt, len, self.options.address_limit())?;
         let mut off = 0;
         while off < len {
             let v = virt + off;
-            match self.translate(v) {
-                None => off += 0x1000,
-                Some(t) => {
+            match self.lookup(v) {
+                Err(span) => off += Self::skip(v, span, len - off),
+                Ok(t) => {
                     let base = v & !(t.size.bytes() - 1);
                     if base == v && t.size.bytes() <= len - off {
                         self.set_leaf(v, t.phys, t.size, attrs)?;
@@ -304,13 +384,13 @@ impl<M: TableMemory> PageTable<M> {
 
     /// Removes every mapping in the range (splitting large pages partly covered).
     pub fn unmap(&mut self, virt: u64, len: u64) -> Result<(), MapError> {
-        check_range(virt, len)?;
+        check_range(virt, len, self.options.address_limit())?;
         let mut off = 0;
         while off < len {
             let v = virt + off;
-            match self.translate(v) {
-                None => off += 0x1000,
-                Some(t) => {
+            match self.lookup(v) {
+                Err(span) => off += Self::skip(v, span, len - off),
+                Ok(t) => {
                     let size = if v.is_multiple_of(t.size.bytes()) && t.size.bytes() <= len - off {
                         t.size
                     } else {
@@ -325,16 +405,15 @@ impl<M: TableMemory> PageTable<M> {
         Ok(())
     }
 
-    /// Walks the tree for `virt`.
-    pub fn translate(&self, virt: u64) -> Option<Translation> {
-        if virt >= LOWER_HALF_END {
-            return None;
-        }
+    /// Walks the tree for `virt`: its translation, or the size of the unmapped, aligned region
+    /// around it (so sparse ranges are skipped a region at a time, not a page at a time).
+    fn lookup(&self, virt: u64) -> Result<Translation, u64> {
         let mut table = self.root;
-        for level in (1..=4u8).rev() {
+        for level in (1..=self.options.levels).rev() {
             let e = self.mem.read_entry(table, index_at(virt, level));
-            if e & Pte::PRESENT.bits() == 0 {
-                return None;
+            let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
+            if !self.options.present(e) {
+                return Err(span);
             }
             let leaf_size = match level {
                 1 => Some(PageSize::Size4K),
@@ -345,22 +424,49 @@ impl<M: TableMemory> PageTable<M> {
             };
             if let Some(size) = leaf_size {
                 let base = e & ADDR_MASK & !(size.bytes() - 1);
-                return Some(Translation { phys: base + (virt & (size.bytes() - 1)), attrs: Attrs::decode(e), size });
+                return Ok(Translation {
+                    phys: base + (virt & (size.bytes() - 1)),
+                    attrs: Attrs::decode(e, self.options.format),
+                    size,
+                });
             }
             table = e & ADDR_MASK;
         }
-        None
+        Err(0x1000)
+    }
+
+    /// Bytes from `v` to the end of the unmapped region of `span` bytes around it, capped at
+    /// `remaining`.
+    fn skip(v: u64, span: u64, remaining: u64) -> u64 {
+        (span - (v & (span - 1))).min(remaining)
+    }
+
+    /// Frees every table of the tree (root included) through `free_table` and returns the
+    /// table memory. Mapped frames are not touched. The caller invalidates hardware caches of
+    /// the tree before reusing what `free_table` received.
+    pub fn destroy(mut self) -> M {
+        let (root, levels) = (self.root, self.options.levels);
+        self.free_tree(root, levels);
+        self.mem
+    }
+
+    /// Walks the tree for `virt`.
+    pub fn translate(&self, virt: u64) -> Option<Translation> {
+        if virt >= self.options.address_limit() {
+            return None;
+        }
+        self.lookup(virt).ok()
     }
 
     /// The table at `level` covering `virt`, creating tables and splitting large pages above.
     fn table_for(&mut self, virt: u64, level: u8) -> Result<u64, MapError> {
         let mut table = self.root;
-        for l in ((level + 1)..=4u8).rev() {
+        for l in ((level + 1)..=self.options.levels).rev() {
             let idx = index_at(virt, l);
             let e = self.mem.read_entry(table, idx);
-            let next = if e & Pte::PRESENT.bits() == 0 {
+            let next = if !self.options.present(e) {
                 let t = self.mem.alloc_table().ok_or(MapError::OutOfTables)?;
-                self.mem.write_entry(table, idx, t | TABLE_ENTRY);
+                self.mem.write_entry(table, idx, t | self.options.table_entry());
                 t
             } else if e & Pte::HUGE.bits() != 0 && l > 1 {
                 self.split(table, idx, l, e)?
@@ -386,7 +492,7 @@ impl<M: TableMemory> PageTable<M> {
         for i in 0..ENTRIES {
             self.mem.write_entry(t, i, (base + i as u64 * small.bytes()) | flags);
         }
-        self.mem.write_entry(table, idx, t | TABLE_ENTRY);
+        self.mem.write_entry(table, idx, t | self.options.table_entry());
         Ok(t)
     }
 
@@ -395,7 +501,7 @@ impl<M: TableMemory> PageTable<M> {
         let table = self.table_for(virt, level)?;
         let idx = index_at(virt, level);
         let old = self.mem.read_entry(table, idx);
-        if level > 1 && old & Pte::PRESENT.bits() != 0 && old & Pte::HUGE.bits() == 0 {
+        if level > 1 && self.options.present(old) && old & Pte::HUGE.bits() == 0 {
             // A table sits where the large leaf goes: its mappings are replaced, free it.
             self.free_tree(old & ADDR_MASK, level - 1);
         }
@@ -407,7 +513,7 @@ impl<M: TableMemory> PageTable<M> {
         if level > 1 {
             for i in 0..ENTRIES {
                 let e = self.mem.read_entry(table, i);
-                if e & Pte::PRESENT.bits() != 0 && e & Pte::HUGE.bits() == 0 {
+                if self.options.present(e) && e & Pte::HUGE.bits() == 0 {
                     self.free_tree(e & ADDR_MASK, level - 1);
                 }
             }
@@ -416,7 +522,7 @@ impl<M: TableMemory> PageTable<M> {
     }
 }
 
-fn check_range(virt: u64, len: u64) -> Result<(), MapError> {
+fn check_range(virt: u64, len: u64, limit: u64) -> Result<(), MapError> {
     if !virt.is_multiple_of(0x1000) {
         return Err(MapError::Unaligned(virt));
     }
@@ -424,7 +530,7 @@ fn check_range(virt: u64, len: u64) -> Result<(), MapError> {
         return Err(MapError::Unaligned(len));
     }
     match virt.checked_add(len) {
-        Some(end) if end <= LOWER_HALF_END => Ok(()),
+        Some(end) if end <= limit => Ok(()),
         _ => Err(MapError::OutOfRange(virt)),
     }
 }
@@ -466,7 +572,7 @@ mod tests {
         }
     }
 
-    const OPTS: Options = Options { no_execute: true, largest_page: PageSize::Size1G };
+    const OPTS: Options = Options::x86(true, PageSize::Size1G);
 
     fn pt() -> PageTable<FakeTables> {
         PageTable::new(FakeTables::default(), OPTS).unwrap()
@@ -483,7 +589,7 @@ mod tests {
         assert_eq!(Attrs::MMIO.encode(PageSize::Size4K, OPTS), 0x8000_0000_0000_001b);
         assert_eq!(Attrs::TEXT.encode(PageSize::Size2M, OPTS), 0x81);
         // Without EFER.NXE bit 63 is reserved: never set.
-        let no_nx = Options { no_execute: false, ..OPTS };
+        let no_nx = Options::x86(false, PageSize::Size1G);
         assert_eq!(Attrs::DATA.encode(PageSize::Size4K, no_nx), 0x3);
     }
 
@@ -499,7 +605,7 @@ mod tests {
         assert_eq!(t.translate(0x0), None, "page zero stays unmapped");
         assert_eq!(t.translate(0x1234_5678).unwrap().phys, 0x1234_5678);
         // Largest page limited by the CPU.
-        let mut t2 = PageTable::new(FakeTables::default(), Options { largest_page: PageSize::Size2M, ..OPTS }).unwrap();
+        let mut t2 = PageTable::new(FakeTables::default(), Options::x86(true, PageSize::Size2M)).unwrap();
         t2.map(0, 0, 0x4000_0000, Attrs::DATA, PageSize::Size1G).unwrap();
         assert_eq!(t2.translate(0).unwrap().size, PageSize::Size2M);
     }
@@ -550,6 +656,46 @@ mod tests {
         assert_eq!(t.translate(u64::MAX), None);
         let mut tiny = PageTable::new(FakeTables { limit: Some(2), ..Default::default() }, OPTS).unwrap();
         assert_eq!(tiny.map(0, 0, 0x1000, Attrs::DATA, PageSize::Size4K), Err(MapError::OutOfTables));
+    }
+
+    #[test]
+    fn sparse_unmap_is_fast_and_destroy_frees_every_table() {
+        let mut t = PageTable::new(FakeTables::default(), Options::vtd(3, PageSize::Size2M)).unwrap();
+        t.map(0x7f_0000_0000, 0x1000, 0x1000, Attrs::DMA_READ, PageSize::Size4K).unwrap();
+        t.map(0x1000, 0x2000, 0x1000, Attrs::DMA_READ, PageSize::Size4K).unwrap();
+        // The whole 512 GiB space: one region-sized step per empty region.
+        t.unmap(0, 1 << 39).unwrap();
+        assert_eq!(t.translate(0x7f_0000_0000), None);
+        let tables = t.memory().tables.len();
+        let mem = t.destroy();
+        assert_eq!(mem.freed, tables);
+        assert!(mem.tables.is_empty());
+    }
+
+    #[test]
+    fn vtd_second_level_format() {
+        let opts = Options::vtd(3, PageSize::Size2M);
+        let mut t = PageTable::new(FakeTables::default(), opts).unwrap();
+        t.map(0x10_0000, 0x7_0000_0000, 0x1000, Attrs::DMA_READ, PageSize::Size2M).unwrap();
+        t.map(0x20_0000, 0x40_0000, 0x20_0000, Attrs::DMA_READ_WRITE, PageSize::Size2M).unwrap();
+        assert_eq!(t.translate(0x10_0123).unwrap().phys, 0x7_0000_0123);
+        assert_eq!(t.translate(0x10_0000).unwrap().attrs, Attrs::DMA_READ);
+        assert_eq!(t.translate(0x20_0000).unwrap().attrs, Attrs::DMA_READ_WRITE);
+        assert_eq!(t.translate(0x20_0000).unwrap().size, PageSize::Size2M);
+        // 39-bit address space: three levels; the root covers 512 GiB.
+        assert_eq!(opts.address_limit(), 1 << 39);
+        assert_eq!(t.map(1 << 39, 0, 0x1000, Attrs::DMA_READ, PageSize::Size4K), Err(MapError::OutOfRange(1 << 39)));
+        // Raw entries: leaf R (+W), PS on large leaves, non-leaf R|W, nothing else.
+        let root = t.root();
+        let l3 = t.memory().tables[&root][0];
+        assert_eq!(l3 & 0xfff, 0b11);
+        let l2 = t.memory().tables[&(l3 & ADDR_MASK)][1];
+        assert_eq!(l2 & 0xfff, 0b11 | VTD_PAGE_SIZE);
+        let pt = t.memory().tables[&(t.memory().tables[&(l3 & ADDR_MASK)][0] & ADDR_MASK)][0x100];
+        assert_eq!(pt, 0x7_0000_0000 | VTD_READ);
+        t.unmap(0x20_0000, 0x1000).unwrap();
+        assert_eq!(t.translate(0x20_0000), None);
+        assert_eq!(t.translate(0x20_1000).unwrap().attrs, Attrs::DMA_READ_WRITE, "split keeps the rest");
     }
 
     #[derive(Debug, Clone)]

@@ -12,6 +12,8 @@ pub mod vectors {
     pub const TIMER: u8 = 0x30;
     /// Wake-up IPI: a CPU sleeping in `hlt` checks its mailbox.
     pub const WAKEUP: u8 = 0x31;
+    /// IOMMU fault event.
+    pub const IOMMU_FAULT: u8 = 0x32;
     /// Local APIC error.
     pub const APIC_ERROR: u8 = 0xfe;
     /// Local APIC spurious vector (never acknowledged with EOI).
@@ -30,6 +32,7 @@ pub struct Handler {
 
 static HANDLERS: [AtomicPtr<Handler>; 256] = [const { AtomicPtr::new(core::ptr::null_mut()) }; 256];
 static UNEXPECTED: AtomicU64 = AtomicU64::new(0);
+static LAST_UNEXPECTED: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
 static SPURIOUS_COUNT: AtomicU64 = AtomicU64::new(0);
 static APIC_ERRORS: AtomicU64 = AtomicU64::new(0);
 
@@ -47,6 +50,16 @@ pub fn register(vector: u8, handler: &'static Handler) -> bool {
 /// Interrupts that arrived on a vector without a handler.
 pub fn unexpected_count() -> u64 {
     UNEXPECTED.load(Ordering::Relaxed)
+}
+
+/// The vector of the last interrupt that had no handler.
+pub fn last_unexpected_vector() -> u8 {
+    LAST_UNEXPECTED.load(Ordering::Relaxed)
+}
+
+/// Removes the handler of `vector` (later interrupts there count as unexpected).
+pub fn unregister(vector: u8) {
+    HANDLERS[usize::from(vector)].store(core::ptr::null_mut(), Ordering::Release);
 }
 
 /// Local APIC spurious interrupts seen.
@@ -73,6 +86,7 @@ pub(super) fn handle(vector: u8, frame: &mut Frame) {
     match unsafe { ptr.as_ref() } {
         Some(h) => (h.run)(frame),
         None => {
+            LAST_UNEXPECTED.store(vector, Ordering::Relaxed);
             UNEXPECTED.fetch_add(1, Ordering::Relaxed);
         }
     }

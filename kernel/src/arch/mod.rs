@@ -8,12 +8,14 @@ pub mod exceptions;
 pub mod gdt;
 pub mod idt;
 pub mod interrupts;
+pub mod mmio;
 pub mod paging;
 pub mod pci;
 pub mod percpu;
 pub mod smp;
 pub mod stacks;
 pub mod time;
+pub mod vtd;
 
 /// First thing on the bootstrap processor: per-CPU pointer, GDT/TSS with its static IST
 /// stacks, IDT. From here on every exception is reported.

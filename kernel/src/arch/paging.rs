@@ -97,10 +97,7 @@ const LOW_RAM: PhysRange = PhysRange::new(PAGE_SIZE, 0xa0000);
 
 /// Builds the kernel's tables and switches this CPU to them.
 pub fn init(map: &MemoryMap, layout: &Layout<'_>, features: &super::cpu::Features) -> Result<u64, MapError> {
-    let options = Options {
-        no_execute: features.nx,
-        largest_page: if features.pdpe1gb { PageSize::Size1G } else { PageSize::Size2M },
-    };
+    let options = Options::x86(features.nx, if features.pdpe1gb { PageSize::Size1G } else { PageSize::Size2M });
     let mut pt = PageTable::new(KernelTables { retired: heapless::Vec::new(), leaked: 0 }, options)?;
     let identity = |pt: &mut PageTable<KernelTables>, r: PhysRange, attrs: Attrs| -> Result<(), MapError> {
         if r.is_empty() { Ok(()) } else { pt.map(r.start, r.start, r.len(), attrs, PageSize::Size1G) }
@@ -156,6 +153,29 @@ pub fn root() -> Option<u64> {
     KERNEL.lock().as_ref().map(|pt| pt.root())
 }
 
+/// Why device registers could not be mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum MmioMapError {
+    /// The range aliases memory (see `mem::check_mmio`).
+    Refused(crate::mem::MmioError),
+    /// The tables could not be changed.
+    Paging(MapError),
+}
+
+/// Maps device registers at `range` uncached (identity), after checking they alias no RAM,
+/// image or firmware table. Mapping pages that were not present needs no TLB shootdown: no
+/// CPU can hold a translation for them.
+pub fn map_mmio(range: PhysRange) -> Result<(), MmioMapError> {
+    crate::mem::check_mmio(range).map_err(MmioMapError::Refused)?;
+    let r = range.align_outward(PAGE_SIZE);
+    let mut guard = KERNEL.lock();
+    let pt = guard.as_mut().ok_or(MmioMapError::Paging(MapError::OutOfTables))?;
+    if (r.start..r.end).step_by(PAGE_SIZE as usize).all(|p| pt.translate(p).is_some_and(|t| t.attrs == Attrs::MMIO)) {
+        return Ok(());
+    }
+    pt.map(r.start, r.start, r.len(), Attrs::MMIO, PageSize::Size2M).map_err(MmioMapError::Paging)
+}
+
 /// Unmaps guard pages while only this CPU runs (before any AP starts), then flushes this
 /// CPU's TLB and returns retired table frames to the allocator: no other CPU can hold them.
 pub fn unmap_guards_before_smp(guards: &[u64]) -> Result<(), MapError> {
@@ -196,6 +216,27 @@ pub fn is_mapped_data(addr: u64, len: u64) -> bool {
         page += PAGE_SIZE;
     }
     true
+}
+
+/// FNV-1a hash of `[start, start + len)` if every page is mapped write-back (RAM, image,
+/// firmware tables): a cheap way to show memory was not changed behind the CPU's back.
+pub fn fingerprint(start: u64, len: u64) -> Option<u64> {
+    let end = start.checked_add(len)?;
+    let mut page = start & !(PAGE_SIZE - 1);
+    while page < end {
+        match translate(page) {
+            Some(t) if t.attrs.cache == conduit_paging::Cache::WriteBack => {}
+            _ => return None,
+        }
+        page += PAGE_SIZE;
+    }
+    // SAFETY:
+    // 1. Every page of `[start, end)` is mapped write-back (checked above): RAM, the image or
+    //    firmware tables, where any bit pattern is a valid u8.
+    // 2. Only shared reads are made; a concurrent DMA write would change the hash, which is
+    //    exactly what callers look for.
+    let bytes = unsafe { core::slice::from_raw_parts(start as *const u8, len as usize) };
+    Some(bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)))
 }
 
 /// Two consecutive words at `addr` (a frame record: saved RBP, return address), if mapped.

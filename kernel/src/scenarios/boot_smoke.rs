@@ -20,6 +20,7 @@ pub fn run(p: &Platform) -> Result<(), &'static str> {
     allocator(p)?;
     protections()?;
     large_pages(p)?;
+    no_iommu_no_assignment(p)?;
     interrupts(p)?;
     println!("boot_smoke: all checks passed");
     Ok(())
@@ -95,6 +96,23 @@ fn protections() -> Result<(), &'static str> {
     }
     println!("boot_smoke: W^X image (text R+X, rodata R, data R+W+NX), page 0 and 9 guard pages unmapped");
     Ok(())
+}
+
+/// Without an IOMMU nothing would confine a device's DMA: assignment must be refused, with
+/// the reason.
+fn no_iommu_no_assignment(p: &Platform) -> Result<(), &'static str> {
+    if p.iommu.is_some() {
+        return Ok(());
+    }
+    let dev = crate::pci::with_inventory(|inv| inv.functions.iter().find(|f| f.header_type == 0).map(|f| f.addr))
+        .ok_or("no PCI function")?;
+    match crate::iommu::create_domain_for(dev) {
+        Err(crate::iommu::AssignError::NoIommu(why)) => {
+            println!("boot_smoke: no IOMMU: assigning {} refused ({})", dev, why);
+            Ok(())
+        }
+        _ => Err("a device could be set up for assignment without an IOMMU"),
+    }
 }
 
 /// With 1 GiB pages available and a whole aligned GiB of RAM, the identity map must use one.

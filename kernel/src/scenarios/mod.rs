@@ -4,7 +4,10 @@
 //! expected markers, expected verdict) is in `qemu-tests/src/scenarios.rs`.
 
 mod boot_smoke;
+mod edu;
 mod exception_report;
+mod iommu_dma;
+mod iommu_irq_remap;
 mod panic_report;
 mod pci_config_virtualization;
 mod pci_enumerate;
@@ -31,6 +34,9 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "stack_overflow", run: stack_overflow::run },
     Scenario { name: "pci_enumerate", run: pci_enumerate::run },
     Scenario { name: "pci_config_virtualization", run: pci_config_virtualization::run },
+    Scenario { name: "iommu_dma_allowed", run: iommu_dma::allowed },
+    Scenario { name: "iommu_dma_blocked", run: iommu_dma::blocked },
+    Scenario { name: "iommu_irq_remap", run: iommu_irq_remap::run },
 ];
 
 /// Runs scenario `name`; an unknown name is a failure that lists the known ones.

@@ -1,0 +1,784 @@
+//! One VT-d unit: bring-up, domains and their second-level tables, device attachment through
+//! root and context tables, the invalidation queue, interrupt remapping entries, and fault
+//! draining. Every wait on the hardware polls a bounded number of times and fails with
+//! `IommuError::Timeout`; GCMD is always written as the persistent status bits plus the one
+//! command bit changing, never with a one-shot status bit copied back.
+
+use super::entries::{self, Irte, TranslationType};
+use super::fault::FaultRecord;
+use super::qi::{self, Ring};
+use super::regs::{self, Cap, Ecap, Gcmd, Gsts, VtdRegs};
+use crate::{
+    DmaAccess, DmaMemory, DomainId, Fault, FaultKind, InterruptHandle, InterruptTarget, Iommu, IommuError, MsiMessage,
+};
+use conduit_paging::{Attrs, Options, PageSize, PageTable, TableMemory};
+use conduit_pci::PciAddress;
+use heapless::Vec;
+
+/// Polls of a status register or completion word before a wait counts as failed.
+pub const POLL_LIMIT: u32 = 1_000_000;
+/// Most domains a unit holds.
+pub const MAX_DOMAINS: usize = 16;
+/// Most attached devices.
+pub const MAX_ATTACHED: usize = 64;
+/// Interrupt remapping entries (one 4 KiB page).
+pub const IRT_ENTRIES: u16 = 256;
+
+/// Second-level tables of one domain, in DMA memory.
+#[derive(Debug)]
+pub struct DomainTables<M: DmaMemory> {
+    mem: M,
+    coherent: bool,
+    limit: u64,
+    /// Tables unlinked by a change, freed after the IOTLB invalidation that follows it.
+    retired: Vec<u64, 256>,
+    leaked: u64,
+}
+
+impl<M: DmaMemory> TableMemory for DomainTables<M> {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let t = self.mem.alloc(1, self.limit)?;
+        if !self.coherent {
+            self.mem.flush(t, 4096);
+        }
+        Some(t)
+    }
+    fn free_table(&mut self, table: u64) {
+        if self.retired.push(table).is_err() {
+            self.leaked += 1;
+        }
+    }
+    fn read_entry(&self, table: u64, index: usize) -> u64 {
+        self.mem.read64(table + 8 * (index % conduit_paging::ENTRIES) as u64)
+    }
+    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
+        let at = table + 8 * (index % conduit_paging::ENTRIES) as u64;
+        self.mem.write64(at, value);
+        if !self.coherent {
+            self.mem.flush(at, 8);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Domain<M: DmaMemory> {
+    id: DomainId,
+    tables: PageTable<DomainTables<M>>,
+}
+
+/// Counters of the unit's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct UnitCounters {
+    /// Descriptors submitted.
+    pub descriptors: u64,
+    /// Invalidation waits completed.
+    pub waits: u64,
+    /// Table frames leaked instead of reused early (retired list full).
+    pub leaked_tables: u64,
+}
+
+/// One VT-d unit.
+#[derive(Debug)]
+pub struct VtdUnit<R: VtdRegs + Clone, M: DmaMemory> {
+    regs: R,
+    mem: M,
+    cap: Cap,
+    ecap: Ecap,
+    version: u32,
+    levels: u8,
+    largest: PageSize,
+    limit: u64,
+    root: u64,
+    context_tables: [u64; 256],
+    queue: u64,
+    ring: Ring,
+    status: u64,
+    wait_seq: u32,
+    irt: u64,
+    irt_used: [u64; IRT_ENTRIES as usize / 64],
+    irt_x2apic: bool,
+    domains: Vec<Domain<M>, MAX_DOMAINS>,
+    next_domain: DomainId,
+    attached: Vec<(PciAddress, DomainId), MAX_ATTACHED>,
+    counters: UnitCounters,
+}
+
+/// Where fault events go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FaultEvent {
+    /// Destination APIC ID (xAPIC format, physical).
+    pub apic_id: u8,
+    /// Vector.
+    pub vector: u8,
+}
+
+impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
+    /// Reads the unit's capabilities and checks it can do what Conduit needs: queued
+    /// invalidation and a 3- or 4-level second-level table. No register changes yet.
+    /// `host_address_width` comes from the DMAR.
+    pub fn probe(regs: R, mem: M, host_address_width: u8) -> Result<Self, IommuError> {
+        let cap = Cap(regs.read64(regs::CAP));
+        let ecap = Ecap(regs.read64(regs::ECAP));
+        let version = regs.read32(regs::VER);
+        if !ecap.queued_invalidation() {
+            return Err(IommuError::Unsupported("queued invalidation"));
+        }
+        let levels = if cap.sagaw() & 0b100 != 0 {
+            4
+        } else if cap.sagaw() & 0b010 != 0 {
+            3
+        } else {
+            return Err(IommuError::Unsupported("a 3- or 4-level second-level table (SAGAW)"));
+        };
+        let largest = match cap.sllps() {
+            s if s & 0b10 != 0 => PageSize::Size1G,
+            s if s & 0b01 != 0 => PageSize::Size2M,
+            _ => PageSize::Size4K,
+        };
+        let limit = 1u64 << host_address_width.clamp(32, 52);
+        Ok(Self {
+            regs,
+            mem,
+            cap,
+            ecap,
+            version,
+            levels,
+            largest,
+            limit,
+            root: 0,
+            context_tables: [0; 256],
+            queue: 0,
+            ring: Ring::new(1),
+            status: 0,
+            wait_seq: 0,
+            irt: 0,
+            irt_used: [0; IRT_ENTRIES as usize / 64],
+            irt_x2apic: false,
+            domains: Vec::new(),
+            // Domain 0 is reserved when caching mode is set; never used at all here.
+            next_domain: 1,
+            attached: Vec::new(),
+            counters: UnitCounters::default(),
+        })
+    }
+
+    /// Capability register.
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+    /// Extended capability register.
+    pub fn ecap(&self) -> Ecap {
+        self.ecap
+    }
+    /// Version register (major 7:4, minor 3:0).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Second-level table levels in use.
+    pub fn levels(&self) -> u8 {
+        self.levels
+    }
+    /// Counters.
+    pub fn counters(&self) -> UnitCounters {
+        self.counters
+    }
+    /// Global status now.
+    pub fn status(&self) -> Gsts {
+        Gsts::from_bits_retain(self.regs.read32(regs::GSTS))
+    }
+
+    fn alloc(&self, pages: u64) -> Result<u64, IommuError> {
+        let p = self.mem.alloc(pages, self.limit).ok_or(IommuError::OutOfMemory)?;
+        self.flush(p, pages * 4096);
+        Ok(p)
+    }
+
+    fn flush(&self, paddr: u64, len: u64) {
+        if !self.ecap.coherent() {
+            self.mem.flush(paddr, len);
+        }
+    }
+
+    /// Sets or clears one persistent command bit, or issues a one-shot command, and waits for
+    /// its status bit (set for one-shots and enables, clear for disables).
+    fn command(&mut self, bit: Gcmd, on: bool, what: &'static str) -> Result<(), IommuError> {
+        let persistent = self.regs.read32(regs::GSTS) & regs::GSTS_PERSISTENT;
+        let value = if on { persistent | bit.bits() } else { persistent & !bit.bits() };
+        self.regs.write32(regs::GCMD, value);
+        for _ in 0..POLL_LIMIT {
+            if (self.regs.read32(regs::GSTS) & bit.bits() != 0) == on {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(IommuError::Timeout(what))
+    }
+
+    /// Brings the unit up: turns off whatever firmware left on, installs an empty root table
+    /// (every device blocked), starts queued invalidation, invalidates every cache, routes
+    /// fault events to `fault`, installs the interrupt remapping table and enables interrupt
+    /// remapping with compatibility-format interrupts blocked (when `remap_interrupts` and the
+    /// unit supports it), and finally enables DMA translation.
+    pub fn enable(&mut self, fault: FaultEvent, remap_interrupts: bool) -> Result<(), IommuError> {
+        let st = self.status();
+        if st.contains(Gsts::TES) {
+            self.command(Gcmd::TE, false, "disable translation")?;
+        }
+        if st.contains(Gsts::IRES) {
+            self.command(Gcmd::IRE, false, "disable interrupt remapping")?;
+        }
+        if st.contains(Gsts::QIES) {
+            self.command(Gcmd::QIE, false, "disable queued invalidation")?;
+        }
+        // Root table: all entries not present.
+        self.root = self.alloc(1)?;
+        self.regs.write64(regs::RTADDR, self.root);
+        self.command(Gcmd::SRTP, true, "set root table pointer")?;
+        // Invalidation queue: one page, 256 descriptors, 128-bit format; a completion word.
+        self.queue = self.alloc(1)?;
+        self.status = self.alloc(1)?;
+        self.ring = Ring::new(1);
+        self.regs.write64(regs::IQT, 0);
+        self.regs.write64(regs::IQA, self.queue);
+        self.command(Gcmd::QIE, true, "enable queued invalidation")?;
+        self.invalidate(&[qi::context_global(), qi::iotlb_global()])?;
+        // Fault events: clear old records, then unmask.
+        self.regs.write32(regs::FEDATA, u32::from(fault.vector));
+        self.regs.write32(regs::FEADDR, 0xfee0_0000 | u32::from(fault.apic_id) << 12);
+        self.regs.write32(regs::FEUADDR, 0);
+        self.fault_reader().drain(&mut |_| {});
+        self.regs.write32(regs::FECTL, 0);
+        if remap_interrupts {
+            if !self.ecap.interrupt_remapping() {
+                return Err(IommuError::Unsupported("interrupt remapping"));
+            }
+            self.irt_x2apic = false;
+            self.irt = self.alloc(u64::from(IRT_ENTRIES) * 16 / 4096)?;
+            // S: 2^(S+1) entries. xAPIC destination format (no EIME).
+            let s = u64::from(IRT_ENTRIES.trailing_zeros()) - 1;
+            self.regs.write64(regs::IRTA, self.irt | s);
+            self.command(Gcmd::SIRTP, true, "set interrupt remapping table pointer")?;
+            self.invalidate(&[qi::iec_global()])?;
+            if self.status().contains(Gsts::CFIS) {
+                self.command(Gcmd::CFI, false, "block compatibility-format interrupts")?;
+            }
+            self.command(Gcmd::IRE, true, "enable interrupt remapping")?;
+        }
+        self.command(Gcmd::TE, true, "enable translation")
+    }
+
+    /// Submits `descriptors` followed by a wait descriptor and waits (bounded) for the unit to
+    /// write the completion word. Checks FSTS for queue errors.
+    pub fn invalidate(&mut self, descriptors: &[(u64, u64)]) -> Result<(), IommuError> {
+        self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
+        let seq = self.wait_seq;
+        self.mem.write64(self.status, 0);
+        self.flush(self.status, 8);
+        let need = descriptors.len() as u64 + 1;
+        let mut polls = 0;
+        while self.ring.free(Ring::head_index(self.regs.read64(regs::IQH))) < need {
+            polls += 1;
+            if polls > POLL_LIMIT {
+                return Err(IommuError::Timeout("invalidation queue space"));
+            }
+            core::hint::spin_loop();
+        }
+        for &(lo, hi) in descriptors.iter().chain(core::iter::once(&qi::wait(self.status, seq))) {
+            let at = self.queue + self.ring.push();
+            self.mem.write64(at, lo);
+            self.mem.write64(at + 8, hi);
+            self.flush(at, 16);
+            self.counters.descriptors += 1;
+        }
+        self.regs.write64(regs::IQT, self.ring.tail_register());
+        for _ in 0..POLL_LIMIT {
+            if self.mem.read64(self.status) as u32 == seq {
+                self.counters.waits += 1;
+                return Ok(());
+            }
+            let fsts = self.regs.read32(regs::FSTS);
+            let errors = fsts & (regs::Fsts::IQE | regs::Fsts::ICE | regs::Fsts::ITE).bits();
+            if errors != 0 {
+                self.regs.write32(regs::FSTS, errors);
+                return Err(IommuError::QueueError(errors));
+            }
+            core::hint::spin_loop();
+        }
+        Err(IommuError::Timeout("invalidation wait"))
+    }
+
+    /// A reader for the fault recording registers that needs no access to the rest of the
+    /// unit (the fault interrupt handler uses it without the unit's lock).
+    pub fn fault_reader(&self) -> FaultReader<R> {
+        FaultReader {
+            regs: self.regs.clone(),
+            offset: self.cap.fault_recording_offset(),
+            records: self.cap.fault_records(),
+        }
+    }
+
+    fn domain_mut(&mut self, id: DomainId) -> Result<&mut Domain<M>, IommuError> {
+        self.domains.iter_mut().find(|d| d.id == id).ok_or(IommuError::NoSuchDomain(id))
+    }
+
+    fn flush_domain(&mut self, id: DomainId) -> Result<(), IommuError> {
+        self.invalidate(&[qi::iotlb_domain(id)])?;
+        // Nothing can hold the unlinked tables any more.
+        let d = self.domain_mut(id)?;
+        let mem = d.tables.memory_mut();
+        let retired = core::mem::take(&mut mem.retired);
+        self.counters.leaked_tables += core::mem::take(&mut mem.leaked);
+        for t in retired {
+            self.mem.free(t, 1);
+        }
+        Ok(())
+    }
+
+    fn context_slot(&self, dev: PciAddress) -> Option<u64> {
+        let table = self.context_tables[usize::from(dev.bus)];
+        (table != 0).then(|| table + 16 * u64::from(dev.device << 3 | dev.function))
+    }
+
+    fn irt_entry(&self, handle: InterruptHandle) -> Option<u64> {
+        let i = handle.0;
+        let used = self.irt != 0 && i < IRT_ENTRIES && self.irt_used[usize::from(i / 64)] & (1 << (i % 64)) != 0;
+        used.then(|| self.irt + 16 * u64::from(i))
+    }
+
+    fn write_irte(&mut self, at: u64, irte: Irte) {
+        let (lo, hi) = irte.encode();
+        // Not present while the halves change, then present.
+        self.mem.write64(at, 0);
+        self.mem.write64(at + 8, hi);
+        self.mem.write64(at, lo);
+        self.flush(at, 16);
+    }
+}
+
+impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
+    fn create_domain(&mut self) -> Result<DomainId, IommuError> {
+        if self.domains.is_full() || u32::from(self.next_domain) >= self.cap.domains() {
+            return Err(IommuError::Exhausted("domain IDs"));
+        }
+        let mem = DomainTables {
+            mem: self.mem.clone(),
+            coherent: self.ecap.coherent(),
+            limit: self.limit,
+            retired: Vec::new(),
+            leaked: 0,
+        };
+        let tables = PageTable::new(mem, Options::vtd(self.levels, self.largest))?;
+        let id = self.next_domain;
+        self.next_domain += 1;
+        let _ = self.domains.push(Domain { id, tables });
+        Ok(id)
+    }
+
+    fn destroy_domain(&mut self, domain: DomainId) -> Result<(), IommuError> {
+        if self.attached.iter().any(|&(_, d)| d == domain) {
+            return Err(IommuError::DomainInUse(domain));
+        }
+        let i = self.domains.iter().position(|d| d.id == domain).ok_or(IommuError::NoSuchDomain(domain))?;
+        let d = self.domains.swap_remove(i);
+        let mut mem = d.tables.destroy();
+        // No device uses the domain; flush its IOTLB entries before the frames are reused.
+        self.invalidate(&[qi::iotlb_domain(domain)])?;
+        self.counters.leaked_tables += mem.leaked;
+        for t in core::mem::take(&mut mem.retired) {
+            self.mem.free(t, 1);
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, domain: DomainId, iova: u64, paddr: u64, len: u64, access: DmaAccess) -> Result<(), IommuError> {
+        let attrs = match access {
+            DmaAccess::Read => Attrs::DMA_READ,
+            DmaAccess::ReadWrite => Attrs::DMA_READ_WRITE,
+        };
+        let largest = self.largest;
+        self.domain_mut(domain)?.tables.map(iova, paddr, len, attrs, largest)?;
+        // Replacing or splitting a mapping, or caching mode (not-present entries cached):
+        // the IOTLB must forget the old translations.
+        self.flush_domain(domain)
+    }
+
+    fn unmap(&mut self, domain: DomainId, iova: u64, len: u64) -> Result<(), IommuError> {
+        self.domain_mut(domain)?.tables.unmap(iova, len)?;
+        self.flush_domain(domain)
+    }
+
+    fn translate(&self, domain: DomainId, iova: u64) -> Option<(u64, DmaAccess)> {
+        let d = self.domains.iter().find(|d| d.id == domain)?;
+        let t = d.tables.translate(iova)?;
+        let access = if t.attrs.write == conduit_paging::Write::Allow { DmaAccess::ReadWrite } else { DmaAccess::Read };
+        Some((t.phys, access))
+    }
+
+    fn attach(&mut self, domain: DomainId, dev: PciAddress) -> Result<(), IommuError> {
+        if self.attached.iter().any(|&(a, _)| a == dev) {
+            return Err(IommuError::AlreadyAttached(dev));
+        }
+        if self.attached.is_full() {
+            return Err(IommuError::Exhausted("attachment slots"));
+        }
+        let table = self.domains.iter().find(|d| d.id == domain).ok_or(IommuError::NoSuchDomain(domain))?.tables.root();
+        let bus = usize::from(dev.bus);
+        if self.context_tables[bus] == 0 {
+            let ct = self.alloc(1)?;
+            self.context_tables[bus] = ct;
+            let (lo, hi) = entries::root_entry(ct);
+            let at = self.root + 16 * bus as u64;
+            self.mem.write64(at + 8, hi);
+            self.mem.write64(at, lo);
+            self.flush(at, 16);
+        }
+        let at = self.context_slot(dev).ok_or(IommuError::OutOfMemory)?;
+        let (lo, hi) = entries::context_entry(table, domain, self.levels, TranslationType::SecondLevel);
+        // Upper half first; the present bit (low half) last.
+        self.mem.write64(at + 8, hi);
+        self.mem.write64(at, lo);
+        self.flush(at, 16);
+        let _ = self.attached.push((dev, domain));
+        // Caching mode may have cached the not-present entry; invalidate either way.
+        self.invalidate(&[qi::context_global(), qi::iotlb_domain(domain)])
+    }
+
+    fn detach(&mut self, dev: PciAddress) -> Result<(), IommuError> {
+        let i = self.attached.iter().position(|&(a, _)| a == dev).ok_or(IommuError::NotAttached(dev))?;
+        let (_, domain) = self.attached.swap_remove(i);
+        if let Some(at) = self.context_slot(dev) {
+            // Present bit (low half) first.
+            self.mem.write64(at, 0);
+            self.mem.write64(at + 8, 0);
+            self.flush(at, 16);
+        }
+        self.invalidate(&[qi::context_device(domain, dev.requester_id()), qi::iotlb_domain(domain)])
+    }
+
+    fn domain_of(&self, dev: PciAddress) -> Option<DomainId> {
+        self.attached.iter().find(|&&(a, _)| a == dev).map(|&(_, d)| d)
+    }
+
+    fn alloc_interrupt(&mut self, dev: PciAddress, target: InterruptTarget) -> Result<InterruptHandle, IommuError> {
+        if self.irt == 0 {
+            return Err(IommuError::Unsupported("interrupt remapping is not enabled"));
+        }
+        let index = (0..IRT_ENTRIES)
+            .find(|&i| self.irt_used[usize::from(i / 64)] & (1 << (i % 64)) == 0)
+            .ok_or(IommuError::Exhausted("interrupt remapping entries"))?;
+        self.irt_used[usize::from(index / 64)] |= 1 << (index % 64);
+        let at = self.irt + 16 * u64::from(index);
+        let irte = Irte {
+            vector: target.vector,
+            destination: target.apic_id,
+            source_id: dev.requester_id(),
+            x2apic: self.irt_x2apic,
+        };
+        self.write_irte(at, irte);
+        if let Err(e) = self.invalidate(&[qi::iec_index(index)]) {
+            // Free exactly what this call took.
+            self.mem.write64(at, 0);
+            self.irt_used[usize::from(index / 64)] &= !(1 << (index % 64));
+            return Err(e);
+        }
+        Ok(InterruptHandle(index))
+    }
+
+    fn retarget_interrupt(&mut self, handle: InterruptHandle, target: InterruptTarget) -> Result<(), IommuError> {
+        let at = self.irt_entry(handle).ok_or(IommuError::NoSuchInterrupt(handle))?;
+        let source_id = self.mem.read64(at + 8) as u16;
+        let irte = Irte { vector: target.vector, destination: target.apic_id, source_id, x2apic: self.irt_x2apic };
+        self.write_irte(at, irte);
+        self.invalidate(&[qi::iec_index(handle.0)])
+    }
+
+    fn free_interrupt(&mut self, handle: InterruptHandle) -> Result<(), IommuError> {
+        let at = self.irt_entry(handle).ok_or(IommuError::NoSuchInterrupt(handle))?;
+        self.mem.write64(at, 0);
+        self.mem.write64(at + 8, 0);
+        self.flush(at, 16);
+        self.irt_used[usize::from(handle.0 / 64)] &= !(1 << (handle.0 % 64));
+        self.invalidate(&[qi::iec_index(handle.0)])
+    }
+
+    fn msi_message(&self, handle: InterruptHandle) -> MsiMessage {
+        let (address, data) = entries::remappable_msi(handle.0);
+        MsiMessage { address, data }
+    }
+}
+
+/// Reads and clears fault records; shares nothing with the rest of the unit but registers.
+#[derive(Clone, Debug)]
+pub struct FaultReader<R: VtdRegs> {
+    regs: R,
+    offset: u64,
+    records: u32,
+}
+
+/// What one drain found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Drained {
+    /// Records read and cleared.
+    pub records: u32,
+    /// The unit had overflowed (faults were lost before this drain).
+    pub overflowed: bool,
+}
+
+impl<R: VtdRegs> FaultReader<R> {
+    /// Reads every pending record (at most one pass over the registers), clears each F bit
+    /// (write 1), then clears the RW1C status bits that were set (never PPF, never FRI).
+    pub fn drain(&self, sink: &mut dyn FnMut(Fault)) -> Drained {
+        let fsts = self.regs.read32(regs::FSTS);
+        let mut out = Drained { overflowed: fsts & regs::Fsts::PFO.bits() != 0, ..Drained::default() };
+        if self.records > 0 {
+            let first = (fsts >> regs::FSTS_FRI_SHIFT) & 0xff;
+            for k in 0..self.records {
+                let i = (first + k) % self.records;
+                let at = self.offset + 16 * u64::from(i);
+                let hi = self.regs.read64(at + 8);
+                let Some(r) = FaultRecord::decode(self.regs.read64(at), hi) else { continue };
+                // F is bit 31 of the upper dword; the rest of that dword is read-only.
+                self.regs.write32(at + 12, 1 << 31);
+                out.records += 1;
+                let kind = if r.is_interrupt() {
+                    FaultKind::Interrupt { index: (r.info >> 48) as u16 }
+                } else {
+                    FaultKind::Dma { address: r.info, write: !r.read }
+                };
+                sink(Fault { source_id: r.source_id, reason: r.reason, kind });
+            }
+        }
+        let clear = fsts & regs::Fsts::PFO.bits();
+        if clear != 0 {
+            self.regs.write32(regs::FSTS, clear);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeDma, FakeUnit, qemu_unit};
+
+    const FAULT: FaultEvent = FaultEvent { apic_id: 0, vector: 0x32 };
+
+    fn unit() -> (FakeUnit, VtdUnit<FakeUnit, FakeDma>) {
+        let dma = FakeDma::default();
+        let regs = qemu_unit(dma.clone(), 1);
+        let u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        (regs, u)
+    }
+
+    fn enabled() -> (FakeUnit, VtdUnit<FakeUnit, FakeDma>) {
+        let (regs, mut u) = unit();
+        u.enable(FAULT, true).unwrap();
+        (regs, u)
+    }
+
+    #[test]
+    fn probe_decodes_qemu() {
+        let (_, u) = unit();
+        assert_eq!(u.levels(), 3);
+        assert_eq!(u.largest, PageSize::Size1G);
+        assert!(!u.ecap().coherent());
+    }
+
+    #[test]
+    fn enable_handshakes_in_order_and_never_writes_one_shot_status_back() {
+        let (regs, u) = enabled();
+        let s = regs.state.borrow();
+        let cmds: std::vec::Vec<u32> = s.gcmd_writes.clone();
+        // SRTP, QIE, SIRTP, IRE, TE — each write is the persistent enables plus one bit.
+        assert_eq!(
+            cmds,
+            [
+                Gcmd::SRTP.bits(),
+                Gcmd::QIE.bits(),
+                Gcmd::QIE.bits() | Gcmd::SIRTP.bits(),
+                Gcmd::QIE.bits() | Gcmd::IRE.bits(),
+                Gcmd::QIE.bits() | Gcmd::IRE.bits() | Gcmd::TE.bits(),
+            ]
+        );
+        for c in &cmds {
+            assert_eq!(c & Gcmd::CFI.bits(), 0, "compatibility-format interrupts never allowed");
+        }
+        let gsts = s.regs32[&regs::GSTS];
+        assert!(Gsts::from_bits_retain(gsts).contains(Gsts::TES | Gsts::QIES | Gsts::IRES));
+        assert_eq!(s.regs64[&regs::RTADDR], u.root);
+        assert_eq!(s.regs64[&regs::IRTA], u.irt | 7, "256 entries: S = 7, xAPIC format");
+        assert_eq!(s.regs32[&regs::FEDATA], 0x32);
+        assert_eq!(s.regs32[&regs::FECTL], 0, "fault events unmasked");
+        // Context cache, IOTLB, IEC invalidated during bring-up.
+        assert!(s.descriptors.iter().any(|d| d & 0xf == 1));
+        assert!(s.descriptors.iter().any(|d| d & 0xf == 2));
+        assert!(s.descriptors.iter().any(|d| d & 0xf == 4));
+    }
+
+    #[test]
+    fn firmware_state_is_turned_off_first() {
+        let (regs, mut u) = unit();
+        regs.state.borrow_mut().regs32.insert(regs::GSTS, (Gsts::TES | Gsts::QIES).bits());
+        u.enable(FAULT, false).unwrap();
+        let s = regs.state.borrow();
+        assert_eq!(s.gcmd_writes[0], Gcmd::QIE.bits(), "TE cleared, QIE kept");
+        assert_eq!(s.gcmd_writes[1], 0, "then QIE cleared");
+    }
+
+    #[test]
+    fn stuck_status_bits_time_out() {
+        for (bit, what) in [
+            (Gcmd::TE.bits(), "enable translation"),
+            (Gsts::RTPS.bits(), "set root table pointer"),
+            (Gcmd::IRE.bits(), "enable interrupt remapping"),
+        ] {
+            let (regs, mut u) = unit();
+            regs.state.borrow_mut().stuck = bit;
+            assert_eq!(u.enable(FAULT, true), Err(IommuError::Timeout(what)));
+        }
+    }
+
+    #[test]
+    fn queue_stall_error_and_wraparound() {
+        let (regs, mut u) = enabled();
+        // 300 invalidations of 2 descriptors each: the 256-entry ring wraps twice.
+        for i in 0..300u16 {
+            u.invalidate(&[qi::iec_index(i)]).unwrap();
+        }
+        assert!(u.ring.tail < 256);
+        assert_eq!(u.counters().waits, 300 + 2, "plus the two of bring-up");
+        let n = regs.state.borrow().descriptors.len();
+        assert!(n > 600);
+        regs.state.borrow_mut().queue_stalled = true;
+        assert_eq!(u.invalidate(&[qi::iec_global()]), Err(IommuError::Timeout("invalidation wait")));
+        let (regs, mut u) = enabled();
+        regs.state.borrow_mut().queue_error = true;
+        assert_eq!(u.invalidate(&[qi::iec_global()]), Err(IommuError::QueueError(regs::Fsts::IQE.bits())));
+        assert_eq!(regs.read32(regs::FSTS) & regs::Fsts::IQE.bits(), 0, "IQE cleared");
+    }
+
+    #[test]
+    fn domains_attach_and_detach() {
+        use crate::fake::DmaState;
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        assert_eq!(d, 1);
+        u.map(d, 0x10_0000, 0x7000_0000, 0x2000, DmaAccess::Read).unwrap();
+        u.map(d, 0x20_0000, 0x8000_0000, 0x20_0000, DmaAccess::ReadWrite).unwrap();
+        assert_eq!(u.translate(d, 0x10_1234), Some((0x7000_1234, DmaAccess::Read)));
+        assert_eq!(u.translate(d, 0x3f_ffff), Some((0x801f_ffff, DmaAccess::ReadWrite)));
+        assert_eq!(u.translate(d, 0x40_0000), None);
+        let edu = PciAddress::new(0, 2, 0);
+        u.attach(d, edu).unwrap();
+        let st: std::cell::Ref<DmaState> = u.mem.state.borrow();
+        let root_lo = st.words[&u.root];
+        assert_eq!(root_lo & 1, 1);
+        let ct = root_lo & !0xfff;
+        let (lo, hi) = (st.words[&(ct + 16 * 0x10)], st.words[&(ct + 16 * 0x10 + 8)]);
+        drop(st);
+        assert_eq!(lo & !0xfff, u.domains[0].tables.root());
+        assert_eq!(lo & 0xf, 1, "present, second-level translation");
+        assert_eq!(hi, 1 << 8 | 1, "domain 1, 39-bit");
+        assert_eq!(u.domain_of(edu), Some(d));
+        assert_eq!(u.attach(d, edu), Err(IommuError::AlreadyAttached(edu)));
+        assert_eq!(u.destroy_domain(d), Err(IommuError::DomainInUse(d)));
+        let before = regs.state.borrow().descriptors.len();
+        u.detach(edu).unwrap();
+        let s = regs.state.borrow();
+        assert_eq!(s.descriptors[before], qi::context_device(d, 0x10).0, "device-selective context invalidation");
+        drop(s);
+        assert_eq!(u.mem.read64(ct + 16 * 0x10), 0, "context entry cleared: device blocked");
+        assert_eq!(u.detach(edu), Err(IommuError::NotAttached(edu)));
+        u.destroy_domain(d).unwrap();
+        assert_eq!(u.map(d, 0, 0, 0x1000, DmaAccess::Read), Err(IommuError::NoSuchDomain(d)));
+        // The unit does not snoop: every table write was flushed.
+        assert!(!u.mem.state.borrow().flushed.is_empty());
+    }
+
+    #[test]
+    fn unmap_invalidates_and_reclaims_tables() {
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x20_0000, 0x8000_0000, 0x20_0000, DmaAccess::ReadWrite).unwrap();
+        u.map(d, 0x20_0000, 0x9000_0000, 0x1000, DmaAccess::Read).unwrap();
+        let before = regs.state.borrow().descriptors.len();
+        u.unmap(d, 0x20_0000, 0x1000).unwrap();
+        assert_eq!(regs.state.borrow().descriptors[before], qi::iotlb_domain(d).0);
+        assert_eq!(u.translate(d, 0x20_0000), None);
+        assert_eq!(
+            u.map(d, 0x123, 0, 0x1000, DmaAccess::Read),
+            Err(IommuError::BadMapping(conduit_paging::MapError::Unaligned(0x123)))
+        );
+        assert_eq!(
+            u.map(d, 1 << 39, 0, 0x1000, DmaAccess::Read),
+            Err(IommuError::BadMapping(conduit_paging::MapError::OutOfRange(1 << 39)))
+        );
+    }
+
+    #[test]
+    fn interrupt_entries_one_at_a_time() {
+        let (regs, mut u) = enabled();
+        let edu = PciAddress::new(0, 2, 0);
+        let a = u.alloc_interrupt(edu, InterruptTarget { apic_id: 1, vector: 0x41 }).unwrap();
+        let b = u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x42 }).unwrap();
+        assert_eq!((a.0, b.0), (0, 1));
+        let at = u.irt + 16;
+        assert_eq!(u.mem.read64(at), 1 | 0x42 << 16, "present, vector 0x42, APIC 0");
+        assert_eq!(u.mem.read64(at + 8), 0x10 | 1 << 18, "SID 00:02.0, verified");
+        assert_eq!(
+            *regs.state.borrow().descriptors.last().unwrap(),
+            qi::wait(0, 0).0 & 0xff | (u64::from(u.wait_seq) << 32)
+        );
+        assert_eq!(u.msi_message(b), MsiMessage { address: 0xfee0_0030, data: 0 });
+        u.retarget_interrupt(a, InterruptTarget { apic_id: 2, vector: 0x50 }).unwrap();
+        assert_eq!(u.mem.read64(u.irt) >> 16 & 0xff, 0x50);
+        assert_eq!(u.mem.read64(u.irt + 8) as u16, 0x10, "source ID kept");
+        u.free_interrupt(a).unwrap();
+        assert_eq!(u.mem.read64(u.irt), 0);
+        assert_eq!(u.free_interrupt(a), Err(IommuError::NoSuchInterrupt(a)));
+        assert_eq!(
+            u.retarget_interrupt(InterruptHandle(999), InterruptTarget { apic_id: 0, vector: 0x40 }),
+            Err(IommuError::NoSuchInterrupt(InterruptHandle(999)))
+        );
+        // The freed slot is reused; the table fills up cleanly.
+        assert_eq!(u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x43 }).unwrap().0, 0);
+        for _ in 2..IRT_ENTRIES {
+            u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x44 }).unwrap();
+        }
+        assert_eq!(
+            u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x45 }),
+            Err(IommuError::Exhausted("interrupt remapping entries"))
+        );
+    }
+
+    #[test]
+    fn faults_are_drained_and_cleared() {
+        let dma = FakeDma::default();
+        let regs = qemu_unit(dma.clone(), 4);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        regs.inject_fault(1, 0x30_0000, 5u64 << 32 | 0x10);
+        regs.inject_fault(2, 0x7_0000_0000_0000, 0x26u64 << 32 | 0x10);
+        regs.state.borrow_mut().regs32.insert(regs::FSTS, 1 << 8 | regs::Fsts::PFO.bits());
+        let mut got = std::vec::Vec::new();
+        let d = u.fault_reader().drain(&mut |f| got.push(f));
+        assert_eq!(d, Drained { records: 2, overflowed: true });
+        assert_eq!(
+            got[0],
+            Fault { source_id: 0x10, reason: 5, kind: FaultKind::Dma { address: 0x30_0000, write: true } }
+        );
+        assert_eq!(got[1], Fault { source_id: 0x10, reason: 0x26, kind: FaultKind::Interrupt { index: 7 } });
+        assert_eq!(regs.read32(regs::FSTS) & 0xff, 0, "PFO cleared, PPF gone");
+        assert_eq!(u.fault_reader().drain(&mut |_| panic!("no more faults")), Drained::default());
+    }
+
+    #[test]
+    fn out_of_memory_is_an_error() {
+        let (_, mut u) = unit();
+        u.mem.state.borrow_mut().fail_alloc = true;
+        assert_eq!(u.enable(FAULT, true), Err(IommuError::OutOfMemory));
+    }
+}

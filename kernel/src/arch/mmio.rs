@@ -1,0 +1,84 @@
+//! Device-register windows: a mapped, uncached MMIO range with bounds- and alignment-checked
+//! accesses. The only way kernel code outside `arch` touches device registers (VT-d units,
+//! device BARs in scenarios).
+
+use conduit_mem::{PAGE_SIZE, PhysRange};
+
+/// A mapped register window.
+#[derive(Clone, Copy, Debug)]
+pub struct MmioWindow {
+    base: u64,
+    len: u64,
+}
+
+impl MmioWindow {
+    /// Maps `[base, base + len)` uncached (after `map_mmio`'s checks) and returns the window.
+    pub fn map(base: u64, len: u64) -> Result<Self, super::paging::MmioMapError> {
+        let end = base
+            .checked_add(len)
+            .ok_or(super::paging::MmioMapError::Paging(conduit_paging::MapError::OutOfRange(base)))?;
+        super::paging::map_mmio(PhysRange::new(base, end))?;
+        Ok(Self { base, len })
+    }
+
+    /// Maps `pages` 4 KiB pages at `base`.
+    pub fn map_pages(base: u64, pages: u64) -> Result<Self, super::paging::MmioMapError> {
+        Self::map(base, pages * PAGE_SIZE)
+    }
+
+    fn ok(&self, offset: u64, width: u64) -> bool {
+        offset.is_multiple_of(width) && offset.checked_add(width).is_some_and(|e| e <= self.len)
+    }
+
+    /// 32-bit read (all ones outside the window).
+    pub fn read32(&self, offset: u64) -> u32 {
+        if !self.ok(offset, 4) {
+            return u32::MAX;
+        }
+        // SAFETY:
+        // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio` confirmed it
+        //    aliases no RAM, image or firmware table; `offset` is aligned and inside it.
+        // 2. A volatile access of the register's width is what device registers require.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u32) }
+    }
+
+    /// 32-bit write (ignored outside the window).
+    pub fn write32(&self, offset: u64, value: u32) {
+        if self.ok(offset, 4) {
+            // SAFETY: as in `read32`.
+            unsafe { core::ptr::write_volatile((self.base + offset) as *mut u32, value) }
+        }
+    }
+
+    /// 64-bit read (all ones outside the window).
+    pub fn read64(&self, offset: u64) -> u64 {
+        if !self.ok(offset, 8) {
+            return u64::MAX;
+        }
+        // SAFETY: as in `read32`.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u64) }
+    }
+
+    /// 64-bit write (ignored outside the window).
+    pub fn write64(&self, offset: u64, value: u64) {
+        if self.ok(offset, 8) {
+            // SAFETY: as in `read32`.
+            unsafe { core::ptr::write_volatile((self.base + offset) as *mut u64, value) }
+        }
+    }
+}
+
+impl conduit_iommu::vtd::regs::VtdRegs for MmioWindow {
+    fn read32(&self, offset: u64) -> u32 {
+        MmioWindow::read32(self, offset)
+    }
+    fn write32(&self, offset: u64, value: u32) {
+        MmioWindow::write32(self, offset, value)
+    }
+    fn read64(&self, offset: u64) -> u64 {
+        MmioWindow::read64(self, offset)
+    }
+    fn write64(&self, offset: u64, value: u64) {
+        MmioWindow::write64(self, offset, value)
+    }
+}

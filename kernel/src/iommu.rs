@@ -1,0 +1,371 @@
+//! The machine's IOMMU. Brought up at boot from the DMAR with every device blocked (empty root
+//! tables, translation on) and interrupt remapping on; from then on it is the only way a device
+//! gets DMA (attachment to a domain) or interrupts (remapping entries). Faults are drained by
+//! the fault-event interrupt into a bounded log, each attributed to the owner of the device
+//! that caused it. Without an IOMMU, device assignment is refused with the reason.
+
+use crate::arch::interrupts::{self, Handler, vectors};
+use crate::arch::mmio::MmioWindow;
+use crate::arch::vtd::KernelDma;
+use crate::sync::IrqMutex;
+use conduit_iommu::vtd::dmar::Dmar;
+use conduit_iommu::vtd::unit::{FaultEvent, FaultReader, VtdUnit};
+use conduit_iommu::{DmaAccess, DomainId, Fault, InterruptHandle, InterruptTarget, Iommu, IommuError, MsiMessage};
+use conduit_pci::PciAddress;
+use core::sync::atomic::{AtomicU64, Ordering};
+use heapless::{Deque, Vec};
+
+/// Units driven (more units in the DMAR are an error at bring-up).
+pub const MAX_UNITS: usize = 4;
+/// Faults kept in the log (oldest dropped first).
+pub const FAULT_LOG: usize = 64;
+
+type Unit = VtdUnit<MmioWindow, KernelDma>;
+
+static UNITS: IrqMutex<Vec<Unit, MAX_UNITS>> = IrqMutex::new(Vec::new());
+static READERS: spin::Once<Vec<FaultReader<MmioWindow>, MAX_UNITS>> = spin::Once::new();
+static DMAR: spin::Once<Dmar> = spin::Once::new();
+static ABSENT: spin::Once<&'static str> = spin::Once::new();
+static LOG: IrqMutex<FaultLog> = IrqMutex::new(FaultLog::new());
+/// Owner of each attached device: requester ID (bits 15:0), owner (31:16), valid (bit 63).
+static OWNERS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+/// Who a device belongs to, for fault attribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum Owner {
+    /// Nobody: the device is blocked.
+    Unassigned,
+    /// The hypervisor itself (scenarios).
+    Hypervisor,
+    /// A guest, by partition index.
+    Guest(u16),
+}
+
+impl Owner {
+    fn encode(self) -> u64 {
+        match self {
+            Self::Unassigned => 0,
+            Self::Hypervisor => 1,
+            Self::Guest(g) => 2 + u64::from(g),
+        }
+    }
+    fn decode(v: u64) -> Self {
+        match v {
+            0 => Self::Unassigned,
+            1 => Self::Hypervisor,
+            g => Self::Guest((g - 2) as u16),
+        }
+    }
+}
+
+/// A logged fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub struct LoggedFault {
+    /// Unit index.
+    pub unit: u8,
+    /// The fault.
+    pub fault: Fault,
+    /// The device's owner when the fault was taken.
+    pub owner: Owner,
+}
+
+/// The bounded fault log and its counters.
+#[derive(Debug)]
+pub struct FaultLog {
+    entries: Deque<LoggedFault, FAULT_LOG>,
+    /// Faults seen (including those dropped from the log).
+    pub total: u64,
+    /// Fault events on which the unit reported an overflow (faults lost in hardware).
+    pub overflows: u64,
+    /// Oldest entries dropped to make room.
+    pub dropped: u64,
+    /// Fault interrupts taken.
+    pub interrupts: u64,
+}
+
+impl FaultLog {
+    const fn new() -> Self {
+        Self { entries: Deque::new(), total: 0, overflows: 0, dropped: 0, interrupts: 0 }
+    }
+
+    /// Logged faults, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &LoggedFault> {
+        self.entries.iter()
+    }
+
+    fn push(&mut self, f: LoggedFault) {
+        self.total += 1;
+        if self.entries.is_full() {
+            self.entries.pop_front();
+            self.dropped += 1;
+        }
+        let _ = self.entries.push_back(f);
+    }
+}
+
+/// Why the IOMMU is not in use.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub enum InitError {
+    /// The DMAR lists more units than Conduit drives.
+    TooManyUnits(usize),
+    /// Mapping a unit's registers failed.
+    Map(crate::arch::paging::MmioMapError),
+    /// The unit refused.
+    Unit(IommuError),
+}
+
+/// What bring-up did.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub struct Summary {
+    /// Units brought up.
+    pub units: usize,
+    /// Interrupt remapping on.
+    pub interrupt_remapping: bool,
+    /// Second-level levels of unit 0.
+    pub levels: u8,
+    /// Unit 0 snoops CPU caches.
+    pub coherent: bool,
+}
+
+static FAULT_HANDLER: Handler = Handler { name: "iommu-fault", run: on_fault };
+
+fn owner_of(source_id: u16) -> Owner {
+    OWNERS
+        .iter()
+        .map(|o| o.load(Ordering::Acquire))
+        .find(|&v| v >> 63 != 0 && v as u16 == source_id)
+        .map_or(Owner::Unassigned, |v| Owner::decode((v >> 16) & 0xffff))
+}
+
+/// Records (or, with `Owner::Unassigned`, forgets) `dev`'s owner. Fails when the table is
+/// full, so a device is never attached without an owner to blame its faults on.
+fn set_owner(dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
+    let rid = u64::from(dev.requester_id());
+    let value = if owner == Owner::Unassigned { 0 } else { 1 << 63 | owner.encode() << 16 | rid };
+    if let Some(slot) = OWNERS.iter().find(|s| {
+        let v = s.load(Ordering::Acquire);
+        v >> 63 != 0 && v & 0xffff == rid
+    }) {
+        slot.store(value, Ordering::Release);
+        return Ok(());
+    }
+    if owner == Owner::Unassigned {
+        return Ok(());
+    }
+    let slot = OWNERS
+        .iter()
+        .find(|s| s.load(Ordering::Acquire) >> 63 == 0)
+        .ok_or(AssignError::Iommu(IommuError::Exhausted("owner slots")))?;
+    slot.store(value, Ordering::Release);
+    Ok(())
+}
+
+/// Fault-event interrupt: drains every unit's records into the log. Uses only the fault
+/// registers (no unit lock) and the log's own lock.
+fn on_fault(_frame: &mut crate::arch::idt::Frame) {
+    let Some(readers) = READERS.get() else { return };
+    let mut log = LOG.lock();
+    log.interrupts += 1;
+    for (unit, r) in readers.iter().enumerate() {
+        let d = r.drain(&mut |fault| {
+            let owner = owner_of(fault.source_id);
+            log.push(LoggedFault { unit: unit as u8, fault, owner });
+        });
+        if d.overflowed {
+            log.overflows += 1;
+        }
+    }
+}
+
+/// Brings up every unit of `dmar` (or records why there is no IOMMU). Fault events go to
+/// `fault_apic_id`.
+pub fn init(dmar: Option<Dmar>, fault_apic_id: u32) -> Result<Option<Summary>, InitError> {
+    let Some(dmar) = dmar else {
+        ABSENT.call_once(|| "no DMAR table: the platform has no VT-d IOMMU");
+        return Ok(None);
+    };
+    if dmar.units.len() > MAX_UNITS {
+        return Err(InitError::TooManyUnits(dmar.units.len()));
+    }
+    let remap = dmar.flags & conduit_iommu::vtd::dmar::flags::INTR_REMAP != 0;
+    interrupts::register(vectors::IOMMU_FAULT, &FAULT_HANDLER);
+    let mut units = UNITS.lock();
+    let mut readers: Vec<FaultReader<MmioWindow>, MAX_UNITS> = Vec::new();
+    for d in &dmar.units {
+        let regs = MmioWindow::map_pages(d.base, u64::from(d.pages).max(1)).map_err(InitError::Map)?;
+        let mut unit = Unit::probe(regs, KernelDma, dmar.host_address_width).map_err(InitError::Unit)?;
+        // The register window must reach the fault records and IOTLB registers.
+        let need = (unit.cap().fault_recording_offset() + 16 * u64::from(unit.cap().fault_records()))
+            .max(unit.ecap().iotlb_offset() + 16);
+        if need > u64::from(d.pages) * conduit_mem::PAGE_SIZE {
+            let regs = MmioWindow::map(d.base, need).map_err(InitError::Map)?;
+            unit = Unit::probe(regs, KernelDma, dmar.host_address_width).map_err(InitError::Unit)?;
+        }
+        let fault = FaultEvent { apic_id: fault_apic_id as u8, vector: vectors::IOMMU_FAULT };
+        unit.enable(fault, remap && unit.ecap().interrupt_remapping()).map_err(InitError::Unit)?;
+        let _ = readers.push(unit.fault_reader());
+        let _ = units.push(unit);
+    }
+    READERS.call_once(|| readers);
+    let u0 = units.first();
+    let summary = Summary {
+        units: units.len(),
+        interrupt_remapping: u0.is_some_and(|u| u.status().contains(conduit_iommu::vtd::regs::Gsts::IRES)),
+        levels: u0.map_or(0, |u| u.levels()),
+        coherent: u0.is_some_and(|u| u.ecap().coherent()),
+    };
+    drop(units);
+    DMAR.call_once(|| dmar);
+    Ok(Some(summary))
+}
+
+/// Why the IOMMU cannot be used, when it cannot.
+pub fn absent_reason() -> Option<&'static str> {
+    ABSENT.get().copied()
+}
+
+/// A DMA domain on one unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub struct Domain {
+    /// Unit index.
+    pub unit: u8,
+    /// Domain ID on that unit.
+    pub id: DomainId,
+}
+
+/// Why a device could not be given DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum AssignError {
+    /// No IOMMU: nothing would confine the device's DMA.
+    NoIommu(&'static str),
+    /// No unit translates the device.
+    NoUnit(PciAddress),
+    /// The device is in an RMRR's scope (firmware DMAs on its behalf): not assignable.
+    Rmrr(PciAddress),
+    /// The domain lives on another unit than the device.
+    WrongUnit,
+    /// The unit refused.
+    Iommu(IommuError),
+}
+
+impl From<IommuError> for AssignError {
+    fn from(e: IommuError) -> Self {
+        Self::Iommu(e)
+    }
+}
+
+fn ready() -> Result<&'static Dmar, AssignError> {
+    DMAR.get().ok_or(AssignError::NoIommu(absent_reason().unwrap_or("the IOMMU is not initialized")))
+}
+
+/// The unit that translates `dev`.
+pub fn unit_for(dev: PciAddress) -> Result<u8, AssignError> {
+    let dmar = ready()?;
+    let u = dmar.unit_for(crate::pci::config(), dev).ok_or(AssignError::NoUnit(dev))?;
+    Ok(u as u8)
+}
+
+fn with_unit<R>(unit: u8, f: impl FnOnce(&mut Unit) -> Result<R, IommuError>) -> Result<R, AssignError> {
+    ready()?;
+    let mut units = UNITS.lock();
+    let u = units.get_mut(usize::from(unit)).ok_or(AssignError::WrongUnit)?;
+    Ok(f(u)?)
+}
+
+/// A new empty domain on the unit that translates `dev`.
+pub fn create_domain_for(dev: PciAddress) -> Result<Domain, AssignError> {
+    let unit = unit_for(dev)?;
+    let id = with_unit(unit, |u| u.create_domain())?;
+    Ok(Domain { unit, id })
+}
+
+/// Frees a domain no device uses.
+pub fn destroy_domain(d: Domain) -> Result<(), AssignError> {
+    with_unit(d.unit, |u| u.destroy_domain(d.id))
+}
+
+/// Maps `[iova, iova + len)` → `[paddr, paddr + len)` in `d`.
+pub fn map(d: Domain, iova: u64, paddr: u64, len: u64, access: DmaAccess) -> Result<(), AssignError> {
+    with_unit(d.unit, |u| u.map(d.id, iova, paddr, len, access))
+}
+
+/// Unmaps `[iova, iova + len)` in `d` (IOTLB invalidated on return).
+pub fn unmap(d: Domain, iova: u64, len: u64) -> Result<(), AssignError> {
+    with_unit(d.unit, |u| u.unmap(d.id, iova, len))
+}
+
+/// Gives `dev`'s DMA to domain `d` and records `owner` for fault attribution. Refused without
+/// an IOMMU, for devices in an RMRR's scope, and across units.
+pub fn assign(d: Domain, dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
+    let dmar = ready()?;
+    if dmar.rmrrs_for(crate::pci::config(), dev).next().is_some() {
+        return Err(AssignError::Rmrr(dev));
+    }
+    if unit_for(dev)? != d.unit {
+        return Err(AssignError::WrongUnit);
+    }
+    with_unit(d.unit, |u| u.attach(d.id, dev))?;
+    if let Err(e) = set_owner(dev, owner) {
+        // No owner to blame its faults on: undo exactly the attach this call made.
+        let _ = with_unit(d.unit, |u| u.detach(dev));
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Takes `dev` out of its domain: its DMA is blocked again.
+pub fn unassign(dev: PciAddress) -> Result<(), AssignError> {
+    let unit = unit_for(dev)?;
+    with_unit(unit, |u| u.detach(dev))?;
+    set_owner(dev, Owner::Unassigned)
+}
+
+/// A remapping entry for `dev`'s interrupts to `target`, and the MSI message to program.
+pub fn alloc_interrupt(dev: PciAddress, target: InterruptTarget) -> Result<(InterruptHandle, MsiMessage), AssignError> {
+    let unit = unit_for(dev)?;
+    with_unit(unit, |u| {
+        let h = u.alloc_interrupt(dev, target)?;
+        Ok((h, u.msi_message(h)))
+    })
+}
+
+/// Points `dev`'s remapping entry `h` at another CPU/vector (the device is not touched).
+pub fn retarget_interrupt(dev: PciAddress, h: InterruptHandle, target: InterruptTarget) -> Result<(), AssignError> {
+    let unit = unit_for(dev)?;
+    with_unit(unit, |u| u.retarget_interrupt(h, target))
+}
+
+/// Global status of unit 0 (translation, interrupt remapping, compatibility format).
+pub fn global_status() -> Option<conduit_iommu::vtd::regs::Gsts> {
+    UNITS.lock().first().map(|u| u.status())
+}
+
+/// Frees `dev`'s remapping entry `h`.
+pub fn free_interrupt(dev: PciAddress, h: InterruptHandle) -> Result<(), AssignError> {
+    let unit = unit_for(dev)?;
+    with_unit(unit, |u| u.free_interrupt(h))
+}
+
+/// Runs `f` with the fault log.
+pub fn with_fault_log<R>(f: impl FnOnce(&FaultLog) -> R) -> R {
+    f(&LOG.lock())
+}
+
+/// Waits (bounded) until the log holds a fault matching `pred`; returns it.
+pub fn wait_for_fault(timeout_us: u64, pred: impl Fn(&LoggedFault) -> bool) -> Option<LoggedFault> {
+    let deadline = crate::arch::time::deadline_after_us(timeout_us);
+    loop {
+        if let Some(f) = LOG.lock().iter().find(|f| pred(f)).copied() {
+            return Some(f);
+        }
+        if crate::arch::time::passed(deadline) {
+            return None;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Forgets logged faults (counters stay).
+pub fn clear_fault_log() {
+    LOG.lock().entries.clear();
+}
