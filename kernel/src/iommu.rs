@@ -2,11 +2,12 @@
 //! tables, translation on) and interrupt remapping on; from then on it is the only way a device
 //! gets DMA (attachment to a domain) or interrupts (remapping entries). Faults are drained by
 //! the fault-event interrupt into a bounded log, each attributed to the owner of the device
-//! that caused it. Without an IOMMU, device assignment is refused with the reason.
+//! that caused it. Without an IOMMU, or without interrupt remapping on the device's unit,
+//! device assignment is refused with the reason.
 
 use crate::arch::interrupts::{self, Handler, vectors};
 use crate::arch::mmio::MmioWindow;
-use crate::arch::vtd::KernelDma;
+use crate::arch::vtd::{self, KernelDma};
 use crate::sync::IrqMutex;
 use conduit_iommu::vtd::dmar::Dmar;
 use conduit_iommu::vtd::unit::{FaultEvent, FaultReader, VtdUnit};
@@ -27,7 +28,8 @@ static READERS: spin::Once<Vec<FaultReader<MmioWindow>, MAX_UNITS>> = spin::Once
 static DMAR: spin::Once<Dmar> = spin::Once::new();
 static ABSENT: spin::Once<&'static str> = spin::Once::new();
 static LOG: IrqMutex<FaultLog> = IrqMutex::new(FaultLog::new());
-/// Owner of each attached device: requester ID (bits 15:0), owner (31:16), valid (bit 63).
+/// Owner of each attached device: requester ID (bits 15:0), owner (47:16), valid (bit 63).
+/// Read lock-free by the fault handler; written only with `UNITS` locked (see `set_owner`).
 static OWNERS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 
 /// Who a device belongs to, for fault attribution.
@@ -42,14 +44,15 @@ pub enum Owner {
 }
 
 impl Owner {
-    fn encode(self) -> u64 {
+    /// 0, 1, or 2 + g (up to 0x1_0001: wider than 16 bits, hence a 32-bit field).
+    const fn encode(self) -> u64 {
         match self {
             Self::Unassigned => 0,
             Self::Hypervisor => 1,
-            Self::Guest(g) => 2 + u64::from(g),
+            Self::Guest(g) => 2 + g as u64,
         }
     }
-    fn decode(v: u64) -> Self {
+    const fn decode(v: u64) -> Self {
         match v {
             0 => Self::Unassigned,
             1 => Self::Hypervisor,
@@ -57,6 +60,26 @@ impl Owner {
         }
     }
 }
+
+/// An `OWNERS` slot: `owner` of the device with requester ID `rid`.
+const fn owner_slot(rid: u16, owner: Owner) -> u64 {
+    1 << 63 | owner.encode() << 16 | rid as u64
+}
+
+/// The owner recorded in an `OWNERS` slot.
+const fn slot_owner(v: u64) -> Owner {
+    Owner::decode((v >> 16) & 0xffff_ffff)
+}
+
+/// Every owner survives the slot encoding (checked at compile time: the kernel has no host
+/// tests). Guests 0xfffe and 0xffff once decoded as `Unassigned` and `Hypervisor`.
+const _: () = {
+    assert!(matches!(slot_owner(owner_slot(0xffff, Owner::Guest(0xffff))), Owner::Guest(0xffff)));
+    assert!(matches!(slot_owner(owner_slot(0x10, Owner::Guest(0xfffe))), Owner::Guest(0xfffe)));
+    assert!(matches!(slot_owner(owner_slot(0x10, Owner::Guest(0))), Owner::Guest(0)));
+    assert!(matches!(slot_owner(owner_slot(0x10, Owner::Hypervisor)), Owner::Hypervisor));
+    assert!(owner_slot(0xffff, Owner::Guest(0xffff)) as u16 == 0xffff);
+};
 
 /// A logged fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
@@ -110,6 +133,8 @@ pub enum InitError {
     TooManyUnits(usize),
     /// Mapping a unit's registers failed.
     Map(crate::arch::paging::MmioMapError),
+    /// Fault events cannot reach this APIC ID (xAPIC format: 255 at most).
+    FaultDestination(u32),
     /// The unit refused.
     Unit(IommuError),
 }
@@ -134,14 +159,16 @@ fn owner_of(source_id: u16) -> Owner {
         .iter()
         .map(|o| o.load(Ordering::Acquire))
         .find(|&v| v >> 63 != 0 && v as u16 == source_id)
-        .map_or(Owner::Unassigned, |v| Owner::decode((v >> 16) & 0xffff))
+        .map_or(Owner::Unassigned, slot_owner)
 }
 
 /// Records (or, with `Owner::Unassigned`, forgets) `dev`'s owner. Fails when the table is
-/// full, so a device is never attached without an owner to blame its faults on.
-fn set_owner(dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
+/// full, so a device is never attached without an owner to blame its faults on. `_units` is
+/// the locked unit list: writers find a slot and store into it in two steps, so they must be
+/// serialized (and with the attachment they record); the fault handler only loads.
+fn set_owner(_units: &mut Vec<Unit, MAX_UNITS>, dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
     let rid = u64::from(dev.requester_id());
-    let value = if owner == Owner::Unassigned { 0 } else { 1 << 63 | owner.encode() << 16 | rid };
+    let value = if owner == Owner::Unassigned { 0 } else { owner_slot(dev.requester_id(), owner) };
     if let Some(slot) = OWNERS.iter().find(|s| {
         let v = s.load(Ordering::Acquire);
         v >> 63 != 0 && v & 0xffff == rid
@@ -188,20 +215,21 @@ pub fn init(dmar: Option<Dmar>, fault_apic_id: u32) -> Result<Option<Summary>, I
         return Err(InitError::TooManyUnits(dmar.units.len()));
     }
     let remap = dmar.flags & conduit_iommu::vtd::dmar::flags::INTR_REMAP != 0;
+    let fault =
+        FaultEvent::new(fault_apic_id, vectors::IOMMU_FAULT).map_err(|_| InitError::FaultDestination(fault_apic_id))?;
     interrupts::register(vectors::IOMMU_FAULT, &FAULT_HANDLER);
     let mut units = UNITS.lock();
     let mut readers: Vec<FaultReader<MmioWindow>, MAX_UNITS> = Vec::new();
     for d in &dmar.units {
         let regs = MmioWindow::map_pages(d.base, u64::from(d.pages).max(1)).map_err(InitError::Map)?;
-        let mut unit = Unit::probe(regs, KernelDma, dmar.host_address_width).map_err(InitError::Unit)?;
+        let mut unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
         // The register window must reach the fault records and IOTLB registers.
         let need = (unit.cap().fault_recording_offset() + 16 * u64::from(unit.cap().fault_records()))
             .max(unit.ecap().iotlb_offset() + 16);
         if need > u64::from(d.pages) * conduit_mem::PAGE_SIZE {
             let regs = MmioWindow::map(d.base, need).map_err(InitError::Map)?;
-            unit = Unit::probe(regs, KernelDma, dmar.host_address_width).map_err(InitError::Unit)?;
+            unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
         }
-        let fault = FaultEvent { apic_id: fault_apic_id as u8, vector: vectors::IOMMU_FAULT };
         unit.enable(fault, remap && unit.ecap().interrupt_remapping()).map_err(InitError::Unit)?;
         let _ = readers.push(unit.fault_reader());
         let _ = units.push(unit);
@@ -244,6 +272,10 @@ pub enum AssignError {
     Rmrr(PciAddress),
     /// The domain lives on another unit than the device.
     WrongUnit,
+    /// The device's unit does not remap interrupts (no DMAR INTR_REMAP flag, no ECAP.IR, or
+    /// GSTS.IRES clear): the device's writes to 0xFEEx_xxxx would reach the CPUs as
+    /// compatibility-format interrupts, any vector on any CPU.
+    NoInterruptRemapping,
     /// The unit refused.
     Iommu(IommuError),
 }
@@ -295,7 +327,8 @@ pub fn unmap(d: Domain, iova: u64, len: u64) -> Result<(), AssignError> {
 }
 
 /// Gives `dev`'s DMA to domain `d` and records `owner` for fault attribution. Refused without
-/// an IOMMU, for devices in an RMRR's scope, and across units.
+/// an IOMMU, without interrupt remapping on the device's unit, for devices in an RMRR's
+/// scope, across units, and while `dev` still holds interrupt remapping entries.
 pub fn assign(d: Domain, dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
     let dmar = ready()?;
     if dmar.rmrrs_for(crate::pci::config(), dev).next().is_some() {
@@ -304,20 +337,31 @@ pub fn assign(d: Domain, dev: PciAddress, owner: Owner) -> Result<(), AssignErro
     if unit_for(dev)? != d.unit {
         return Err(AssignError::WrongUnit);
     }
-    with_unit(d.unit, |u| u.attach(d.id, dev))?;
-    if let Err(e) = set_owner(dev, owner) {
+    let mut units = UNITS.lock();
+    let u = units.get_mut(usize::from(d.unit)).ok_or(AssignError::WrongUnit)?;
+    if !u.remaps_interrupts() {
+        return Err(AssignError::NoInterruptRemapping);
+    }
+    u.attach(d.id, dev)?;
+    // Recorded under the same lock as the attachment: concurrent assign/unassign calls can
+    // neither take the same owner slot nor leave an attached device without its owner.
+    if let Err(e) = set_owner(&mut units, dev, owner) {
         // No owner to blame its faults on: undo exactly the attach this call made.
-        let _ = with_unit(d.unit, |u| u.detach(dev));
+        if let Some(u) = units.get_mut(usize::from(d.unit)) {
+            let _ = u.detach(dev);
+        }
         return Err(e);
     }
     Ok(())
 }
 
-/// Takes `dev` out of its domain: its DMA is blocked again.
+/// Takes `dev` out of its domain: its DMA is blocked again and its interrupt remapping
+/// entries are freed.
 pub fn unassign(dev: PciAddress) -> Result<(), AssignError> {
     let unit = unit_for(dev)?;
-    with_unit(unit, |u| u.detach(dev))?;
-    set_owner(dev, Owner::Unassigned)
+    let mut units = UNITS.lock();
+    units.get_mut(usize::from(unit)).ok_or(AssignError::WrongUnit)?.detach(dev)?;
+    set_owner(&mut units, dev, Owner::Unassigned)
 }
 
 /// A remapping entry for `dev`'s interrupts to `target`, and the MSI message to program.
@@ -330,9 +374,10 @@ pub fn alloc_interrupt(dev: PciAddress, target: InterruptTarget) -> Result<(Inte
 }
 
 /// Points `dev`'s remapping entry `h` at another CPU/vector (the device is not touched).
+/// Refused when `h` is not one of `dev`'s entries.
 pub fn retarget_interrupt(dev: PciAddress, h: InterruptHandle, target: InterruptTarget) -> Result<(), AssignError> {
     let unit = unit_for(dev)?;
-    with_unit(unit, |u| u.retarget_interrupt(h, target))
+    with_unit(unit, |u| u.retarget_interrupt(dev, h, target))
 }
 
 /// Global status of unit 0 (translation, interrupt remapping, compatibility format).
@@ -340,10 +385,10 @@ pub fn global_status() -> Option<conduit_iommu::vtd::regs::Gsts> {
     UNITS.lock().first().map(|u| u.status())
 }
 
-/// Frees `dev`'s remapping entry `h`.
+/// Frees `dev`'s remapping entry `h`. Refused when `h` is not one of `dev`'s entries.
 pub fn free_interrupt(dev: PciAddress, h: InterruptHandle) -> Result<(), AssignError> {
     let unit = unit_for(dev)?;
-    with_unit(unit, |u| u.free_interrupt(h))
+    with_unit(unit, |u| u.free_interrupt(dev, h))
 }
 
 /// Runs `f` with the fault log.

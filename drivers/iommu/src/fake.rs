@@ -1,7 +1,9 @@
 //! A scripted VT-d unit and DMA memory for host tests. The registers follow the spec's
 //! handshakes (GSTS mirrors GCMD; one-shots set their status), the invalidation queue is
 //! processed when IQT is written (wait descriptors write their completion word), fault records
-//! can be injected, and any status bit or the queue can be made to stall.
+//! can be injected, and any status bit or the queue can be made to stall. Like hardware, the
+//! queue stops at a descriptor it refuses (an unknown type), sets FSTS.IQE with IQH pointing at
+//! it, fetches nothing while IQE is set, and resumes from IQH once IQE is cleared.
 
 use crate::DmaMemory;
 use crate::vtd::regs::{self, Gcmd, Gsts};
@@ -10,7 +12,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::vec::Vec;
 
-/// DMA memory: sparse pages, a bump allocator, a flush log.
+/// One access to DMA memory, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaOp {
+    Write(u64, u64),
+    Flush(u64, u64),
+}
+
+/// DMA memory: sparse pages, a bump allocator, a flush log and a log of writes and flushes.
 #[derive(Clone, Debug, Default)]
 pub struct FakeDma {
     pub state: Rc<RefCell<DmaState>>,
@@ -23,6 +32,7 @@ pub struct DmaState {
     pub allocated: BTreeSet<u64>,
     pub freed: Vec<u64>,
     pub flushed: Vec<(u64, u64)>,
+    pub ops: Vec<DmaOp>,
     pub fail_alloc: bool,
 }
 
@@ -57,10 +67,14 @@ impl DmaMemory for FakeDma {
     }
     fn write64(&self, paddr: u64, value: u64) {
         assert_eq!(paddr % 8, 0);
-        self.state.borrow_mut().words.insert(paddr, value);
+        let mut s = self.state.borrow_mut();
+        s.words.insert(paddr, value);
+        s.ops.push(DmaOp::Write(paddr, value));
     }
     fn flush(&self, paddr: u64, len: u64) {
-        self.state.borrow_mut().flushed.push((paddr, len));
+        let mut s = self.state.borrow_mut();
+        s.flushed.push((paddr, len));
+        s.ops.push(DmaOp::Flush(paddr, len));
     }
 }
 
@@ -74,8 +88,6 @@ pub struct UnitState {
     pub stuck: u32,
     /// The queue is never processed.
     pub queue_stalled: bool,
-    /// Processing sets FSTS.IQE instead.
-    pub queue_error: bool,
     /// Descriptors processed, in order (low quadword).
     pub descriptors: Vec<u64>,
     pub head: u64,
@@ -93,7 +105,12 @@ pub const FRO: u64 = 0x220;
 /// QEMU 7.2's intel-iommu: 256 domains, 39-bit (3-level), fault records at 0x220 (`nfr` of
 /// them), IOTLB registers at 0xf0, 2M/1G pages, QI, IR, PT, not coherent.
 pub fn qemu_unit(dma: FakeDma, nfr: u8) -> FakeUnit {
-    let cap = 2
+    unit_with_nd(dma, nfr, 2)
+}
+
+/// `qemu_unit` with another CAP.ND (domains: 2^(4 + 2·ND)).
+pub fn unit_with_nd(dma: FakeDma, nfr: u8, nd: u64) -> FakeUnit {
+    let cap = nd
         | (0b00010 << 8)
         | (38 << 16)
         | ((FRO / 16) << 24)
@@ -123,7 +140,8 @@ impl FakeUnit {
 
     fn process_queue(&self) {
         let mut s = self.state.borrow_mut();
-        if s.queue_stalled {
+        let fsts = s.regs32.get(&regs::FSTS).copied().unwrap_or(0);
+        if s.queue_stalled || fsts & regs::Fsts::IQE.bits() != 0 {
             return;
         }
         let iqa = s.regs64.get(&regs::IQA).copied().unwrap_or(0) & !0xfff;
@@ -132,12 +150,12 @@ impl FakeUnit {
             let at = iqa + s.head * 16;
             let lo = self.dma.read64(at);
             let hi = self.dma.read64(at + 8);
-            s.descriptors.push(lo);
-            if s.queue_error {
-                let f = s.regs32.get(&regs::FSTS).copied().unwrap_or(0);
-                s.regs32.insert(regs::FSTS, f | regs::Fsts::IQE.bits());
+            if !matches!(lo & 0xf, 1 | 2 | 4 | 5) {
+                // Refused: IQE, head stays on it, nothing more is fetched.
+                s.regs32.insert(regs::FSTS, fsts | regs::Fsts::IQE.bits());
                 return;
             }
+            s.descriptors.push(lo);
             if lo & 0xf == 5 && lo & (1 << 5) != 0 {
                 // Status write: the low dword of the completion word.
                 let old = self.dma.read64(hi);
@@ -182,6 +200,11 @@ impl regs::VtdRegs for FakeUnit {
             regs::FSTS => {
                 let f = s.regs32.get(&offset).copied().unwrap_or(0);
                 s.regs32.insert(offset, f & !(value & regs::FSTS_RW1C));
+                if f & value & regs::Fsts::IQE.bits() != 0 {
+                    // IQE cleared: fetching resumes at IQH.
+                    drop(s);
+                    self.process_queue();
+                }
             }
             o if (FRO..FRO + 0x100).contains(&o) && o % 16 == 12 => {
                 // F bit: write 1 to clear.

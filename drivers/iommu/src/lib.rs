@@ -105,7 +105,10 @@ pub enum IommuError {
     AlreadyAttached(PciAddress),
     /// The device is not attached.
     NotAttached(PciAddress),
-    /// Unknown or free interrupt entry.
+    /// The device still holds interrupt remapping entries: a device enters a domain (a new
+    /// owner) with none, so it cannot raise interrupts set up for whoever had it before.
+    InterruptsInUse(PciAddress),
+    /// Unknown or free interrupt entry, or one that belongs to another device.
     NoSuchInterrupt(InterruptHandle),
     /// A mapping request the tables refuse (unaligned, beyond the address width).
     BadMapping(conduit_paging::MapError),
@@ -144,24 +147,37 @@ pub trait Iommu {
     fn create_domain(&mut self) -> Result<DomainId, IommuError>;
     /// Frees a domain with no devices attached.
     fn destroy_domain(&mut self, domain: DomainId) -> Result<(), IommuError>;
-    /// Maps `[iova, iova + len)` to `[paddr, paddr + len)`; invalidates as the hardware needs.
+    /// Maps `[iova, iova + len)` to `[paddr, paddr + len)`; invalidates as the hardware needs,
+    /// also when the change fails partway (part of the range may then be mapped).
     fn map(&mut self, domain: DomainId, iova: u64, paddr: u64, len: u64, access: DmaAccess) -> Result<(), IommuError>;
-    /// Unmaps `[iova, iova + len)` and invalidates the IOTLB before returning.
+    /// Unmaps `[iova, iova + len)` and invalidates the IOTLB before returning, also when the
+    /// change fails partway (part of the range may then still be mapped).
     fn unmap(&mut self, domain: DomainId, iova: u64, len: u64) -> Result<(), IommuError>;
     /// Where `iova` goes in `domain`, with its access.
     fn translate(&self, domain: DomainId, iova: u64) -> Option<(u64, DmaAccess)>;
-    /// Puts `dev` in `domain`: from now on its DMA goes through the domain's tables.
+    /// Puts `dev` in `domain`: from now on its DMA goes through the domain's tables. Refused
+    /// while `dev` holds interrupt entries (`InterruptsInUse`).
     fn attach(&mut self, domain: DomainId, dev: PciAddress) -> Result<(), IommuError>;
-    /// Takes `dev` out of its domain: from now on its DMA is blocked.
+    /// Takes `dev` out of its domain: from now on its DMA is blocked, and every interrupt
+    /// entry it held is freed (interrupts through them fault).
     fn detach(&mut self, dev: PciAddress) -> Result<(), IommuError>;
     /// The domain `dev` is attached to.
     fn domain_of(&self, dev: PciAddress) -> Option<DomainId>;
     /// A remapping entry for `dev`'s interrupts to `target`; only `dev` can use it.
+    /// `Unsupported` when the entry format cannot name the target (an APIC ID above 255 in
+    /// xAPIC format).
     fn alloc_interrupt(&mut self, dev: PciAddress, target: InterruptTarget) -> Result<InterruptHandle, IommuError>;
-    /// Changes where an entry delivers.
-    fn retarget_interrupt(&mut self, handle: InterruptHandle, target: InterruptTarget) -> Result<(), IommuError>;
-    /// Frees an entry (later interrupts through it fault).
-    fn free_interrupt(&mut self, handle: InterruptHandle) -> Result<(), IommuError>;
+    /// Changes where `dev`'s entry delivers, without a moment in which it delivers nowhere.
+    /// `NoSuchInterrupt` when `handle` is not an entry of `dev`.
+    fn retarget_interrupt(
+        &mut self,
+        dev: PciAddress,
+        handle: InterruptHandle,
+        target: InterruptTarget,
+    ) -> Result<(), IommuError>;
+    /// Frees `dev`'s entry (later interrupts through it fault). `NoSuchInterrupt` when
+    /// `handle` is not an entry of `dev`.
+    fn free_interrupt(&mut self, dev: PciAddress, handle: InterruptHandle) -> Result<(), IommuError>;
     /// What to program into the device's MSI/MSI-X entry for `handle`.
     fn msi_message(&self, handle: InterruptHandle) -> MsiMessage;
 }

@@ -1,6 +1,8 @@
 //! Base address registers (LB §6.2.5): decoding and sizing. Sizing writes all ones and reads
 //! the mask back; the function's memory and I/O decode are switched off meanwhile (so a
-//! half-written BAR never claims addresses) and every register is restored afterwards.
+//! half-written BAR never claims addresses) and every register is restored afterwards. Host
+//! bridges keep decoding: some chipsets misbehave when it is switched off (Linux
+//! `mmio_always_on`).
 
 use crate::regs::{self, Command};
 use crate::{ConfigSpace, PciAddress};
@@ -100,16 +102,21 @@ fn probe32(cfg: &impl ConfigSpace, addr: PciAddress, off: u16, ones: u32) -> (u3
     (orig, probe)
 }
 
+/// Base class and sub-class of a host bridge (06:00).
+pub const CLASS_HOST_BRIDGE: u16 = 0x0600;
+
 /// Sizes every BAR (`count` slots: 6 for type 0, 2 for type 1) and the expansion ROM at
-/// `rom_offset` (if any), with decode disabled during the probe and restored after.
+/// `rom_offset` (if any), with decode disabled during the probe and restored after — except
+/// on host bridges, which keep decoding.
 pub fn size_all(
     cfg: &impl ConfigSpace,
     addr: PciAddress,
     count: u8,
     rom_offset: Option<u16>,
 ) -> (Vec<Bar, 6>, Option<Rom>, Option<BadBar>) {
+    let host_bridge = (cfg.read32(addr, regs::REVISION) >> 16) as u16 == CLASS_HOST_BRIDGE;
     let command = cfg.read16(addr, regs::COMMAND);
-    let decode = (Command::IO | Command::MEMORY).bits();
+    let decode = if host_bridge { 0 } else { (Command::IO | Command::MEMORY).bits() };
     if command & decode != 0 {
         cfg.write16(addr, regs::COMMAND, command & !decode);
     }
@@ -210,6 +217,28 @@ mod tests {
         assert_eq!(writes[first_bar - 1].1, regs::COMMAND);
         assert_eq!(writes[first_bar - 1].3 & 0x3, 0, "decode disabled before sizing");
         assert_eq!(writes.last().unwrap().1, regs::COMMAND, "command restored last");
+    }
+
+    #[test]
+    fn host_bridges_keep_decoding_while_sized() {
+        let mut f = FakeFunction::new(0x8086, 0x29c0, 0x06_00_00, 256);
+        f.bar32(0, 0xfed1_0000, 0x4000, false);
+        f.set16(regs::COMMAND, (Command::MEMORY | Command::IO).bits());
+        let cfg = FakeConfig::new();
+        cfg.add(at(), f);
+        let before = cfg.bytes(at());
+        let (bars, _, _) = size_all(&cfg, at(), 6, Some(regs::ROM_ADDRESS));
+        assert_eq!(bars[0].size, 0x4000);
+        assert!(cfg.writes.borrow().iter().all(|w| w.1 != regs::COMMAND), "command never written");
+        assert_eq!(cfg.bytes(at()), before);
+        // Other bridges (06:04, PCI-to-PCI) are not host bridges: decode goes off.
+        let mut f = FakeFunction::new(0x8086, 0x244e, 0x06_04_00, 256);
+        f.bar32(0, 0xfed2_0000, 0x1000, false);
+        f.set16(regs::COMMAND, Command::MEMORY.bits());
+        let cfg = FakeConfig::new();
+        cfg.add(at(), f);
+        size_all(&cfg, at(), 2, None);
+        assert!(cfg.writes.borrow().iter().any(|w| w.1 == regs::COMMAND && w.3 & 0x3 == 0));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - header and visible capabilities follow their tables; hidden capabilities are spliced out
 //!   of both chains (their bytes read 0, writes are dropped);
 //! - BARs and the expansion ROM are fully virtual: sizing answers with the real size, the
-//!   guest's addresses are recorded and reported, hardware BARs are never written;
+//!   guest's addresses are recorded and reported (ROM writes too, when the ROM is visible),
+//!   hardware BARs are never written;
 //! - command: I/O, memory decode and bus master reach hardware only as the policy passes them;
 //!   INTx disable, parity and SERR are virtual;
 //! - bytes outside every structure follow [`UnknownPolicy`];
@@ -125,6 +126,13 @@ pub enum ConfigEvent {
         /// Guest address.
         address: u64,
     },
+    /// The guest wrote the expansion ROM BAR (only with `RomPolicy::Visible` and a ROM).
+    Rom {
+        /// Guest address.
+        address: u32,
+        /// ROM address decode enabled (bit 0).
+        enabled: bool,
+    },
     /// MSI enable or Multiple Message Enable changed.
     MsiControl {
         /// MSI enabled.
@@ -176,6 +184,9 @@ impl<const N: usize> EventSink for Vec<ConfigEvent, N> {
 pub enum VConfigError {
     /// Only type 0 functions (not bridges) can be given to a guest.
     NotAnEndpoint(u8),
+    /// The function's config space (as enumerated, or as reachable now) is smaller than the
+    /// 256 bytes every function has: absent or unreachable.
+    ConfigSpaceTooSmall(u16),
     /// More visible structures than slots.
     TooManyCapabilities,
 }
@@ -238,6 +249,7 @@ pub struct VirtualConfig {
     bar_kinds: [Option<BarKind>; 6],
     bar_sizes: [u64; 6],
     rom: VirtBar,
+    rom_size: u32,
     policy: DevicePolicy,
     msi: Option<MsiCap>,
     msix_control: Option<u16>,
@@ -278,6 +290,9 @@ impl VirtualConfig {
             return Err(VConfigError::NotAnEndpoint(f.header_type));
         }
         let size = f.config_size.min(cfg.size(f.addr));
+        if size < crate::CONFIG_SIZE {
+            return Err(VConfigError::ConfigSpaceTooSmall(size));
+        }
         let mut v = Self {
             addr: f.addr,
             size,
@@ -288,6 +303,7 @@ impl VirtualConfig {
             bar_kinds: [None; 6],
             bar_sizes: [0; 6],
             rom: VirtBar::default(),
+            rom_size: 0,
             policy,
             msi: f.msi,
             msix_control: None,
@@ -334,14 +350,21 @@ impl VirtualConfig {
         if let (Some(rom), RomPolicy::Visible) = (f.rom, self.policy.rom) {
             let mask = !(rom.size.saturating_sub(1)) & regs::ROM_ADDRESS_MASK;
             self.rom = VirtBar { mask: mask | regs::ROM_ENABLE, flags: 0, value: 0 };
+            self.rom_size = rom.size;
         }
+    }
+
+    /// Marks `[start, start + len)`, cut at the config space size, as belonging to `region`.
+    fn mark(&mut self, start: u16, len: u16, region: u8) {
+        let end = (usize::from(start) + usize::from(len)).min(usize::from(self.size));
+        let start = usize::from(start).min(end);
+        self.region[start..end].fill(region);
     }
 
     fn add_slot(&mut self, start: u16, len: u16, table: &'static [BytePerm]) -> Result<(), VConfigError> {
         let idx = self.slots.len();
         self.slots.push(Slot { start, table }).map_err(|_| VConfigError::TooManyCapabilities)?;
-        let end = usize::from(start + len).min(usize::from(self.size));
-        self.region[usize::from(start)..end].fill(FIRST_SLOT + idx as u8);
+        self.mark(start, len, FIRST_SLOT + idx as u8);
         Ok(())
     }
 
@@ -387,8 +410,7 @@ impl VirtualConfig {
                     }
                 }
                 None => {
-                    let end = usize::from(c.offset + len).min(usize::from(self.size));
-                    self.region[usize::from(c.offset)..end].fill(REGION_HIDDEN);
+                    self.mark(c.offset, len, REGION_HIDDEN);
                     if c.id == cap_id::MSI {
                         self.msi = None;
                     }
@@ -424,10 +446,7 @@ impl VirtualConfig {
                     self.add_slot(c.offset, len, t)?;
                     let _ = visible.push(c.offset);
                 }
-                None => {
-                    let end = usize::from(c.offset + len).min(usize::from(self.size));
-                    self.region[usize::from(c.offset)..end].fill(REGION_HIDDEN);
-                }
+                None => self.mark(c.offset, len, REGION_HIDDEN),
             }
         }
         for (i, &off) in visible.iter().enumerate() {
@@ -647,6 +666,14 @@ impl VirtualConfig {
         let merged = (bar.value & !(width.ones() << shift)) | ((value & width.ones()) << shift);
         bar.write(merged);
         if dword == regs::ROM_ADDRESS {
+            // A hidden or absent ROM has no writable bits: nothing to report.
+            if self.rom.mask != 0 {
+                let value = self.rom.value;
+                sink.event(ConfigEvent::Rom {
+                    address: value & regs::ROM_ADDRESS_MASK,
+                    enabled: value & regs::ROM_ENABLE != 0,
+                });
+            }
             return;
         }
         // Report the BAR whose slot this is (the low slot of a 64-bit BAR).
@@ -773,6 +800,13 @@ impl VirtualConfig {
     /// The policy.
     pub fn policy(&self) -> &DevicePolicy {
         &self.policy
+    }
+
+    /// The guest's address for the expansion ROM, its size and whether the guest enabled its
+    /// decode; `None` unless the ROM exists and the policy makes it visible.
+    pub fn rom(&self) -> Option<(u32, u32, bool)> {
+        let v = self.rom.value;
+        (self.rom.mask != 0).then_some((v & regs::ROM_ADDRESS_MASK, self.rom_size, v & regs::ROM_ENABLE != 0))
     }
 
     /// The guest's address for the BAR at `index` with its size, if implemented.
@@ -933,10 +967,40 @@ mod tests {
         let (cfg, mut v) = setup(f.clone(), DevicePolicy::default());
         v.write(&cfg, regs::ROM_ADDRESS, Width::Dword, u32::MAX, &mut |_| {});
         assert_eq!(v.read(&cfg, regs::ROM_ADDRESS, Width::Dword), 0);
+        assert_eq!(events(&mut v, &cfg, regs::ROM_ADDRESS, Width::Dword, 0xfea0_0001), []);
+        assert_eq!(v.rom(), None);
         let (cfg, mut v) = setup(f, DevicePolicy { rom: RomPolicy::Visible, ..DevicePolicy::default() });
+        assert_eq!(v.rom(), Some((0, 0x4_0000, false)));
         v.write(&cfg, regs::ROM_ADDRESS, Width::Dword, regs::ROM_ADDRESS_MASK, &mut |_| {});
         assert_eq!(v.read(&cfg, regs::ROM_ADDRESS, Width::Dword), 0xfffc_0000);
+        // The address the guest programs is reported and kept, so it can be mapped.
+        assert_eq!(
+            events(&mut v, &cfg, regs::ROM_ADDRESS, Width::Dword, 0xfea4_0001),
+            [ConfigEvent::Rom { address: 0xfea4_0000, enabled: true }]
+        );
+        assert_eq!(v.rom(), Some((0xfea4_0000, 0x4_0000, true)));
+        assert_eq!(
+            events(&mut v, &cfg, regs::ROM_ADDRESS, Width::Byte, 0),
+            [ConfigEvent::Rom { address: 0xfea4_0000, enabled: false }]
+        );
         assert_eq!(cfg.bytes(at())[0x30..0x34], [0, 0, 0xb0, 0xfe], "hardware ROM BAR untouched");
+    }
+
+    #[test]
+    fn a_config_space_too_small_is_an_error_not_a_panic() {
+        let cfg = FakeConfig::new();
+        cfg.add(at(), nvme_like());
+        let mut f = probe(&cfg, at(), false, &mut Inventory::default());
+        for size in [0u16, 0x3c, 0x40, 0xff] {
+            f.config_size = size;
+            assert_eq!(
+                VirtualConfig::new(&cfg, &f, DevicePolicy::default()).err(),
+                Some(VConfigError::ConfigSpaceTooSmall(size))
+            );
+        }
+        f.config_size = 256;
+        let v = VirtualConfig::new(&cfg, &f, DevicePolicy::default()).unwrap();
+        assert_eq!(v.size(), 256);
     }
 
     #[test]

@@ -216,17 +216,29 @@ impl Options {
         Self { no_execute, largest_page, format: Format::X86, levels: 4 }
     }
 
-    /// VT-d second-level paging with `levels` levels.
+    /// VT-d second-level paging with `levels` levels, clamped to what the format defines
+    /// (3, 4 or 5: SAGAW bits 1–3).
     pub const fn vtd(levels: u8, largest_page: PageSize) -> Self {
+        let levels = if levels < VTD_MIN_LEVELS {
+            VTD_MIN_LEVELS
+        } else if levels > MAX_LEVELS {
+            MAX_LEVELS
+        } else {
+            levels
+        };
         Self { no_execute: false, largest_page, format: Format::VtdSecondLevel, levels }
     }
 
     /// First address beyond what the tree translates: the canonical lower half for x86-64,
-    /// the adjusted guest address width for VT-d.
+    /// the adjusted guest address width for VT-d (all of the 64-bit space when a hand-built
+    /// `Options` names more levels than that can hold).
     pub const fn address_limit(&self) -> u64 {
         match self.format {
             Format::X86 => LOWER_HALF_END,
-            Format::VtdSecondLevel => 1u64 << (12 + 9 * self.levels as u32),
+            Format::VtdSecondLevel => match 1u64.checked_shl(12 + 9 * self.levels as u32) {
+                Some(limit) => limit,
+                None => u64::MAX,
+            },
         }
     }
 
@@ -245,6 +257,11 @@ impl Options {
         }
     }
 }
+
+/// Most levels a tree has (x86-64 LA57, VT-d 57-bit).
+pub const MAX_LEVELS: u8 = 5;
+/// Fewest levels of a VT-d second-level tree (39-bit).
+pub const VTD_MIN_LEVELS: u8 = 3;
 
 /// VT-d second-level entry: read permission.
 pub const VTD_READ: u64 = 1 << 0;
@@ -303,12 +320,17 @@ pub struct PageTable<M: TableMemory> {
 const TABLE_ENTRY: u64 = Pte::PRESENT.bits() | Pte::WRITABLE.bits() | Pte::USER.bits();
 
 const fn index_at(virt: u64, level: u8) -> usize {
-    ((virt >> (12 + 9 * (level as u64 - 1))) & 0x1ff) as usize
+    let shift = 12 + 9 * (level as u32).saturating_sub(1);
+    match virt.checked_shr(shift) {
+        Some(v) => (v & 0x1ff) as usize,
+        None => 0,
+    }
 }
 
 impl<M: TableMemory> PageTable<M> {
-    /// An empty tree (one zeroed root table).
-    pub fn new(mut mem: M, options: Options) -> Result<Self, MapError> {
+    /// An empty tree (one zeroed root table). `options.levels` is clamped to 1..=5.
+    pub fn new(mut mem: M, mut options: Options) -> Result<Self, MapError> {
+        options.levels = options.levels.clamp(1, MAX_LEVELS);
         let root = mem.alloc_table().ok_or(MapError::OutOfTables)?;
         Ok(Self { root, mem, options })
     }
@@ -501,11 +523,12 @@ impl<M: TableMemory> PageTable<M> {
         let table = self.table_for(virt, level)?;
         let idx = index_at(virt, level);
         let old = self.mem.read_entry(table, idx);
+        self.mem.write_entry(table, idx, phys | attrs.encode(size, self.options));
         if level > 1 && self.options.present(old) && old & Pte::HUGE.bits() == 0 {
-            // A table sits where the large leaf goes: its mappings are replaced, free it.
+            // A table sat where the large leaf went: its mappings are replaced. Freed only
+            // now that no entry points to it (`TableMemory::free_table`'s contract).
             self.free_tree(old & ADDR_MASK, level - 1);
         }
-        self.mem.write_entry(table, idx, phys | attrs.encode(size, self.options));
         Ok(())
     }
 
@@ -541,13 +564,36 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{BTreeMap, HashMap};
 
-    /// Tables in a hash map keyed by frame address; counts live tables.
+    /// Tables in a hash map keyed by frame address; counts live tables. With `root` set
+    /// (x86 format), freeing a table still reachable from the root is a test failure.
     #[derive(Default, Debug)]
     struct FakeTables {
         tables: HashMap<u64, [u64; ENTRIES]>,
         next: u64,
         limit: Option<usize>,
         freed: usize,
+        root: Option<u64>,
+    }
+
+    impl FakeTables {
+        /// Tables reachable from `root` through present non-leaf entries (x86, 4 levels).
+        fn reachable(&self, root: u64) -> std::collections::HashSet<u64> {
+            let mut seen = std::collections::HashSet::from([root]);
+            let mut stack = std::vec![(root, 4u8)];
+            while let Some((t, level)) = stack.pop() {
+                if level == 1 {
+                    continue;
+                }
+                for &e in &self.tables[&t] {
+                    let leaf = (level == 2 || level == 3) && e & Pte::HUGE.bits() != 0;
+                    let child = e & ADDR_MASK;
+                    if e & 1 != 0 && !leaf && self.tables.contains_key(&child) && seen.insert(child) {
+                        stack.push((child, level - 1));
+                    }
+                }
+            }
+            seen
+        }
     }
 
     impl TableMemory for FakeTables {
@@ -561,6 +607,9 @@ mod tests {
             Some(a)
         }
         fn free_table(&mut self, table: u64) {
+            if let Some(root) = self.root {
+                assert!(!self.reachable(root).contains(&table), "table {table:#x} freed while still linked");
+            }
             assert!(self.tables.remove(&table).is_some(), "freeing unknown table {table:#x}");
             self.freed += 1;
         }
@@ -576,6 +625,13 @@ mod tests {
 
     fn pt() -> PageTable<FakeTables> {
         PageTable::new(FakeTables::default(), OPTS).unwrap()
+    }
+
+    /// A tree whose fake checks that every freed table is already unlinked.
+    fn checked_pt() -> PageTable<FakeTables> {
+        let mut t = pt();
+        t.mem.root = Some(t.root());
+        t
     }
 
     #[test]
@@ -634,12 +690,40 @@ mod tests {
 
     #[test]
     fn large_leaf_over_existing_table_frees_the_table() {
-        let mut t = pt();
+        let mut t = checked_pt();
         t.map(0x20_0000, 0x20_0000, 0x1000, Attrs::DATA, PageSize::Size4K).unwrap();
         let before = t.memory().tables.len();
         t.map(0x20_0000, 0x80_0000, 0x20_0000, Attrs::RODATA, PageSize::Size2M).unwrap();
         assert_eq!(t.memory().tables.len(), before - 1);
         assert_eq!(t.translate(0x20_0010).unwrap().phys, 0x80_0010);
+    }
+
+    #[test]
+    fn replaced_tables_are_unlinked_before_they_are_freed() {
+        // A 1 GiB leaf over a PD holding a PT: both tables go, each only once unlinked.
+        let mut t = checked_pt();
+        t.map(0x4000_0000, 0x4000_0000, 0x1000, Attrs::DATA, PageSize::Size4K).unwrap();
+        t.map(0x4020_0000, 0x4020_0000, 0x20_0000, Attrs::DATA, PageSize::Size2M).unwrap();
+        let before = t.memory().freed;
+        t.map(0x4000_0000, 0x8000_0000, 0x4000_0000, Attrs::DATA, PageSize::Size1G).unwrap();
+        assert_eq!(t.memory().freed, before + 2);
+        assert_eq!(t.translate(0x4000_1234).unwrap().phys, 0x8000_1234);
+    }
+
+    #[test]
+    fn vtd_levels_are_clamped_and_limits_never_overflow() {
+        assert_eq!(Options::vtd(6, PageSize::Size4K).levels, 5);
+        assert_eq!(Options::vtd(200, PageSize::Size4K).address_limit(), 1 << 57);
+        assert_eq!(Options::vtd(0, PageSize::Size4K).levels, 3);
+        assert_eq!(Options::vtd(4, PageSize::Size4K).address_limit(), 1 << 48);
+        // A hand-built `Options` with too many levels: no overflow anywhere.
+        let wild = Options { levels: 9, ..Options::vtd(3, PageSize::Size2M) };
+        assert_eq!(wild.address_limit(), u64::MAX);
+        let mut t = PageTable::new(FakeTables::default(), wild).unwrap();
+        assert_eq!(t.options().levels, MAX_LEVELS);
+        t.map(0x1000, 0x2000, 0x1000, Attrs::DMA_READ, PageSize::Size4K).unwrap();
+        assert_eq!(t.translate(0x1000).unwrap().phys, 0x2000);
+        assert_eq!(index_at(u64::MAX, 9), 0);
     }
 
     #[test]
@@ -727,7 +811,7 @@ mod tests {
         /// flat model, and never leaks or double-frees a table.
         #[test]
         fn matches_flat_model(ops in proptest::collection::vec(op(), 1..20)) {
-            let mut t = pt();
+            let mut t = checked_pt();
             let mut model: BTreeMap<u64, (u64, Attrs)> = BTreeMap::new();
             for o in &ops {
                 match *o {

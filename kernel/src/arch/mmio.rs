@@ -37,7 +37,8 @@ impl MmioWindow {
         }
         // SAFETY:
         // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio` confirmed it
-        //    aliases no RAM, image or firmware table; `offset` is aligned and inside it.
+        //    aliases no RAM, image or firmware table; `offset` is 4-aligned and the 4 bytes lie
+        //    inside it (checked by `ok`).
         // 2. A volatile access of the register's width is what device registers require.
         unsafe { core::ptr::read_volatile((self.base + offset) as *const u32) }
     }
@@ -45,7 +46,11 @@ impl MmioWindow {
     /// 32-bit write (ignored outside the window).
     pub fn write32(&self, offset: u64, value: u32) {
         if self.ok(offset, 4) {
-            // SAFETY: as in `read32`.
+            // SAFETY:
+            // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio`
+            //    confirmed it aliases no RAM, image or firmware table; `offset` is 4-aligned
+            //    and the 4 bytes lie inside it (checked by `ok`).
+            // 2. A volatile access of the register's width is what device registers require.
             unsafe { core::ptr::write_volatile((self.base + offset) as *mut u32, value) }
         }
     }
@@ -55,14 +60,22 @@ impl MmioWindow {
         if !self.ok(offset, 8) {
             return u64::MAX;
         }
-        // SAFETY: as in `read32`.
+        // SAFETY:
+        // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio` confirmed
+        //    it aliases no RAM, image or firmware table; `offset` is 8-aligned and the 8 bytes
+        //    lie inside it (checked by `ok`).
+        // 2. A volatile access of the register's width is what device registers require.
         unsafe { core::ptr::read_volatile((self.base + offset) as *const u64) }
     }
 
     /// 64-bit write (ignored outside the window).
     pub fn write64(&self, offset: u64, value: u64) {
         if self.ok(offset, 8) {
-            // SAFETY: as in `read32`.
+            // SAFETY:
+            // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio`
+            //    confirmed it aliases no RAM, image or firmware table; `offset` is 8-aligned
+            //    and the 8 bytes lie inside it (checked by `ok`).
+            // 2. A volatile access of the register's width is what device registers require.
             unsafe { core::ptr::write_volatile((self.base + offset) as *mut u64, value) }
         }
     }

@@ -29,8 +29,10 @@ const DMA_TO_RAM: u64 = 2;
 pub const BUFFER: u64 = 0x40000;
 /// Largest transfer QEMU 7.2 handles without aborting (PLATFORM.md: 4096 crashes the VM).
 pub const MAX_TRANSFER: u64 = 4095;
-/// How long a DMA may take.
-const DMA_TIMEOUT_US: u64 = 100_000;
+/// How long a DMA may take. edu completes a transfer 100 ms (virtual time) after it starts:
+/// a bound of exactly 100 ms on the TSC lost that race whenever the TSC calibration came out
+/// a little slow, so the bound is ten times the device's latency.
+const DMA_TIMEOUT_US: u64 = 1_000_000;
 
 /// An opened edu device.
 #[derive(Debug)]

@@ -4,16 +4,17 @@
 //! aimed at the hypervisor's own code, a write through a read-only mapping, a read of an
 //! unmapped IOVA, and any DMA from the device once it is unassigned, each leave the target
 //! unchanged and are recorded as faults with edu's source ID, the right reason and the owner;
-//! then a flood of faults, after which the unit still translates and reports.
+//! assignment is refused while the device holds an interrupt remapping entry; then a flood of
+//! faults, after which the unit still translates and reports.
 
 use super::check;
 use super::edu::{Direction, Edu, MAX_TRANSFER};
 use crate::arch::paging;
 use crate::arch::vtd::DmaBuffer;
-use crate::iommu::{self, Domain, LoggedFault, Owner};
+use crate::iommu::{self, AssignError, Domain, LoggedFault, Owner};
 use crate::{Platform, println};
 use conduit_iommu::vtd::fault::reason_name;
-use conduit_iommu::{DmaAccess, FaultKind};
+use conduit_iommu::{DmaAccess, FaultKind, InterruptTarget, IommuError};
 
 /// IOVAs the tests use: below 256 MiB (edu masks DMA addresses to 28 bits) and apart from the
 /// physical addresses the blocked tests aim at (the image at 2 MiB, the canary frame).
@@ -164,7 +165,18 @@ pub fn blocked(p: &Platform) -> Result<(), &'static str> {
     check(s.dst.all(|_| 0x3c), "an unassigned device's DMA landed")?;
     println!("iommu_dma_blocked: unassigned device can DMA nowhere (destination unchanged)");
 
-    // 7. A flood, then the unit still works.
+    // 7. Interrupt entries stay with their owner: a device holding one is not handed over.
+    let (h, _) = iommu::alloc_interrupt(s.edu.addr, InterruptTarget { apic_id: 0, vector: 0x40 })
+        .map_err(|_| "no remapping entry")?;
+    let refused = iommu::assign(s.dom, s.edu.addr, Owner::Hypervisor);
+    iommu::free_interrupt(s.edu.addr, h).map_err(|_| "cannot free the remapping entry")?;
+    check(
+        refused == Err(AssignError::Iommu(IommuError::InterruptsInUse(s.edu.addr))),
+        "a device holding an interrupt remapping entry was assigned",
+    )?;
+    println!("iommu_dma_blocked: assignment refused while edu holds IRTE {} (InterruptsInUse)", h.0);
+
+    // 8. A flood, then the unit still works.
     iommu::assign(s.dom, s.edu.addr, Owner::Hypervisor).map_err(|_| "cannot reassign edu")?;
     let total_before = iommu::with_fault_log(|l| l.total);
     for i in 0..FLOOD {

@@ -2,10 +2,11 @@
 //! remapping on and compatibility-format interrupts not allowed (GSTS.CFIS clear); every entry
 //! validates the requester ID. Checked: the remapped MSI arrives at the intended vector,
 //! retargeting the entry moves it without touching the device, a freed entry delivers nothing,
-//! and an entry whose source ID belongs to another device delivers nothing. A
-//! compatibility-format MSI is sent as well and what happens to it is reported: real VT-d
-//! hardware (and QEMU from 8.1) blocks it with fault 25h; QEMU 7.2 delivers it and records no
-//! fault, which Conduit sees as an interrupt on a vector nothing is bound to.
+//! an entry whose source ID belongs to another device delivers nothing, and that entry cannot
+//! be retargeted or freed in edu's name. A compatibility-format MSI is sent as well and what
+//! happens to it is reported: real VT-d hardware (and QEMU from 8.1) blocks it with fault 25h;
+//! QEMU 7.2 delivers it and records no fault, which Conduit sees as an interrupt on a vector
+//! nothing is bound to.
 
 use super::check;
 use super::edu::Edu;
@@ -123,6 +124,11 @@ pub fn run(p: &Platform) -> Result<(), &'static str> {
         other.requester_id(),
         VEC_OTHER_SOURCE
     );
+    // Entries belong to their device: edu's address cannot move or free `other`'s entry.
+    let moved = InterruptTarget { apic_id: apic, vector: VEC_REMAPPED };
+    check(iommu::retarget_interrupt(edu.addr, h2, moved).is_err(), "edu retargeted another device's entry")?;
+    check(iommu::free_interrupt(edu.addr, h2).is_err(), "edu freed another device's entry")?;
+    println!("iommu_irq_remap: IRTE {} cannot be retargeted or freed in edu's name (it belongs to {})", h2.0, other);
     iommu::free_interrupt(other, h2).map_err(|_| "free")?;
 
     // 5. Compatibility format.

@@ -173,12 +173,18 @@ fn scopes(
         if slen < 6 || slen > len - off || (slen - 6) % 2 != 0 {
             return Err(DmarError::Malformed(base_off + off));
         }
+        off += slen;
+        let hops = (slen - 6) / 2;
+        if hops as usize > MAX_PATH {
+            // Cut short, the path would name one of the bridges above the device instead of
+            // the device: the whole scope is dropped (and counted), never kept truncated.
+            *dropped += 1;
+            continue;
+        }
         let mut path = Vec::new();
-        for i in 0..(slen - 6) / 2 {
+        for i in 0..hops {
             let q = p + 6 + u64::from(2 * i);
-            if path.push((mem.read_u8(q)?, mem.read_u8(q + 1)?)).is_err() {
-                *dropped += 1;
-            }
+            let _ = path.push((mem.read_u8(q)?, mem.read_u8(q + 1)?));
         }
         let s = DeviceScope {
             kind: ScopeKind::from_raw(kind),
@@ -189,7 +195,6 @@ fn scopes(
         if out.push(s).is_err() {
             *dropped += 1;
         }
-        off += slen;
     }
     Ok(out)
 }
@@ -261,16 +266,16 @@ impl Dmar {
     }
 
     /// The unit translating `dev`: the one whose scope names it (or a bridge above it),
-    /// else the segment's INCLUDE_PCI_ALL unit.
+    /// else the segment's INCLUDE_PCI_ALL unit. A bridge scope covers buses only when the
+    /// bridge is present, is a bridge, and has bus numbers assigned (secondary above its own
+    /// bus, subordinate not below secondary); otherwise it names at most itself.
     pub fn unit_for(&self, cfg: &impl ConfigSpace, dev: PciAddress) -> Option<usize> {
         let explicit = self.units.iter().position(|u| {
             u.segment == dev.segment
                 && u.scopes.iter().any(|s| match (s.kind, s.resolve(cfg, u.segment)) {
                     (ScopeKind::Endpoint, Some(a)) => a == dev,
                     (ScopeKind::Bridge, Some(a)) => {
-                        let sec = cfg.read8(a, pci_regs::BRIDGE_SECONDARY_BUS);
-                        let sub = cfg.read8(a, pci_regs::BRIDGE_SUBORDINATE_BUS);
-                        a == dev || (sec..=sub).contains(&dev.bus)
+                        a == dev || bridge_buses(cfg, a).is_some_and(|b| b.contains(&dev.bus))
                     }
                     _ => false,
                 })
@@ -284,6 +289,18 @@ impl Dmar {
             r.segment == dev.segment && r.scopes.iter().any(|s| s.resolve(cfg, r.segment) == Some(dev))
         })
     }
+}
+
+/// The buses below the bridge at `a`, when it is a present bridge with bus numbers assigned.
+fn bridge_buses(cfg: &impl ConfigSpace, a: PciAddress) -> Option<core::ops::RangeInclusive<u8>> {
+    if cfg.read16(a, pci_regs::VENDOR_ID) == pci_regs::VENDOR_NONE
+        || cfg.read8(a, pci_regs::HEADER_TYPE) & 0x7f != pci_regs::HEADER_TYPE_BRIDGE
+    {
+        return None;
+    }
+    let sec = cfg.read8(a, pci_regs::BRIDGE_SECONDARY_BUS);
+    let sub = cfg.read8(a, pci_regs::BRIDGE_SUBORDINATE_BUS);
+    (sec > a.bus && sub >= sec).then_some(sec..=sub)
 }
 
 #[cfg(test)]
@@ -378,6 +395,44 @@ mod tests {
         assert_eq!(d.rmrrs[0].scopes[0].resolve(&cfg, 0), Some(PciAddress::new(3, 0, 0)), "path through the bridge");
         assert_eq!(d.rmrrs_for(&cfg, PciAddress::new(3, 0, 0)).count(), 1);
         assert_eq!(d.rmrrs_for(&cfg, PciAddress::new(0, 2, 0)).count(), 0);
+    }
+
+    #[test]
+    fn bridge_scopes_without_bus_numbers_cover_nothing_below() {
+        let cfg = FakeConfig::new();
+        // A bridge firmware left unassigned (secondary = subordinate = 0) at 00:1c.0; nothing
+        // at 00:1d.0 (reads all ones: bus range 0xff..=0xff).
+        cfg.add(PciAddress::new(0, 0x1c, 0), FakeFunction::bridge(0x8086, 1, 0, 0, 0));
+        cfg.add(PciAddress::new(0, 5, 0), FakeFunction::new(1, 2, 0, 256));
+        let (m, len) = table(&[
+            drhd(0, 0xfed9_1000, &[scope(2, 0, 0, &[(0x1c, 0)]), scope(2, 0, 0, &[(0x1d, 0)])]),
+            drhd(1, 0xfed9_0000, &[]),
+        ]);
+        let d = Dmar::parse(&m, 0x1000, len).unwrap();
+        assert_eq!(d.unit_for(&cfg, PciAddress::new(0, 5, 0)), Some(1), "bus 0 is not below an unassigned bridge");
+        assert_eq!(d.unit_for(&cfg, PciAddress::new(0xff, 0, 0)), Some(1), "bus 255 is not below an absent bridge");
+        assert_eq!(d.unit_for(&cfg, PciAddress::new(0, 0x1c, 0)), Some(0), "the bridge itself stays in scope");
+        // An endpoint at a type 0 function named as a bridge covers nothing below either.
+        let cfg = FakeConfig::new();
+        let mut f = FakeFunction::new(1, 2, 0, 256);
+        f.set8(pci_regs::BRIDGE_SECONDARY_BUS, 1).set8(pci_regs::BRIDGE_SUBORDINATE_BUS, 4);
+        cfg.add(PciAddress::new(0, 0x1c, 0), f);
+        assert_eq!(d.unit_for(&cfg, PciAddress::new(2, 0, 0)), Some(1));
+    }
+
+    #[test]
+    fn scopes_with_paths_too_long_are_dropped_not_truncated() {
+        let long: std::vec::Vec<(u8, u8)> = (0..=MAX_PATH as u8).map(|i| (i, 0)).collect();
+        let fits: std::vec::Vec<(u8, u8)> = long[..MAX_PATH].to_vec();
+        let (m, len) = table(&[
+            drhd(0, 0xfed9_1000, &[scope(1, 0, 0, &long), scope(1, 0, 0, &fits)]),
+            rmrr(0x7f00_0000, 0x7f0f_ffff, &[scope(1, 0, 0, &long)]),
+        ]);
+        let d = Dmar::parse(&m, 0x1000, len).unwrap();
+        assert_eq!(d.units[0].scopes.len(), 1, "only the scope that fits is kept");
+        assert_eq!(d.units[0].scopes[0].path.as_slice(), fits.as_slice());
+        assert!(d.rmrrs[0].scopes.is_empty());
+        assert_eq!(d.dropped, 2);
     }
 
     #[test]

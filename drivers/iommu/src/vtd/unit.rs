@@ -23,6 +23,9 @@ pub const MAX_DOMAINS: usize = 16;
 pub const MAX_ATTACHED: usize = 64;
 /// Interrupt remapping entries (one 4 KiB page).
 pub const IRT_ENTRIES: u16 = 256;
+/// Retired table frames a domain keeps in a list of its own; more are chained through the
+/// frames themselves.
+pub const RETIRED_INLINE: usize = 256;
 
 /// Second-level tables of one domain, in DMA memory.
 #[derive(Debug)]
@@ -31,8 +34,34 @@ pub struct DomainTables<M: DmaMemory> {
     coherent: bool,
     limit: u64,
     /// Tables unlinked by a change, freed after the IOTLB invalidation that follows it.
-    retired: Vec<u64, 256>,
-    leaked: u64,
+    retired: Vec<u64, RETIRED_INLINE>,
+    /// Further retired tables: a list linked through each frame's first quadword (0 ends it).
+    overflow: u64,
+    /// Frames on the `overflow` list.
+    overflow_len: u64,
+}
+
+impl<M: DmaMemory> DomainTables<M> {
+    fn new(mem: M, coherent: bool, limit: u64) -> Self {
+        Self { mem, coherent, limit, retired: Vec::new(), overflow: 0, overflow_len: 0 }
+    }
+
+    /// Gives every retired frame back. Only after the IOTLB invalidation that followed the
+    /// change which retired them (or once nothing can walk the tree any more).
+    fn reclaim(&mut self) {
+        for t in core::mem::take(&mut self.retired) {
+            self.mem.free(t, 1);
+        }
+        let mut t = core::mem::take(&mut self.overflow);
+        for _ in 0..core::mem::take(&mut self.overflow_len) {
+            if t == 0 {
+                break;
+            }
+            let next = self.mem.read64(t);
+            self.mem.free(t, 1);
+            t = next;
+        }
+    }
 }
 
 impl<M: DmaMemory> TableMemory for DomainTables<M> {
@@ -45,7 +74,12 @@ impl<M: DmaMemory> TableMemory for DomainTables<M> {
     }
     fn free_table(&mut self, table: u64) {
         if self.retired.push(table).is_err() {
-            self.leaked += 1;
+            // No entry links to the frame any more (`TableMemory` contract), so its first
+            // quadword can hold the list link. A walk through a stale cached pointer reads the
+            // link as a not-present entry (R = W = 0: the link is page-aligned).
+            self.mem.write64(table, self.overflow);
+            self.overflow = table;
+            self.overflow_len += 1;
         }
     }
     fn read_entry(&self, table: u64, index: usize) -> u64 {
@@ -74,8 +108,8 @@ pub struct UnitCounters {
     pub descriptors: u64,
     /// Invalidation waits completed.
     pub waits: u64,
-    /// Table frames leaked instead of reused early (retired list full).
-    pub leaked_tables: u64,
+    /// Descriptors the unit refused (FSTS.IQE) and that were replaced so the queue goes on.
+    pub refused_descriptors: u64,
 }
 
 /// One VT-d unit.
@@ -96,10 +130,10 @@ pub struct VtdUnit<R: VtdRegs + Clone, M: DmaMemory> {
     status: u64,
     wait_seq: u32,
     irt: u64,
-    irt_used: [u64; IRT_ENTRIES as usize / 64],
+    /// The device each interrupt remapping entry belongs to (`None`: free).
+    irt_owner: [Option<PciAddress>; IRT_ENTRIES as usize],
     irt_x2apic: bool,
     domains: Vec<Domain<M>, MAX_DOMAINS>,
-    next_domain: DomainId,
     attached: Vec<(PciAddress, DomainId), MAX_ATTACHED>,
     counters: UnitCounters,
 }
@@ -112,6 +146,15 @@ pub struct FaultEvent {
     pub apic_id: u8,
     /// Vector.
     pub vector: u8,
+}
+
+impl FaultEvent {
+    /// Fault events for `vector` on the CPU with local APIC ID `apic_id`. FEADDR holds an
+    /// xAPIC destination (8 bits): a larger ID is refused, never truncated to another CPU.
+    pub fn new(apic_id: u32, vector: u8) -> Result<Self, IommuError> {
+        let apic_id = u8::try_from(apic_id).map_err(|_| IommuError::Unsupported("fault-event APIC ID above 255"))?;
+        Ok(Self { apic_id, vector })
+    }
 }
 
 impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
@@ -154,11 +197,9 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
             status: 0,
             wait_seq: 0,
             irt: 0,
-            irt_used: [0; IRT_ENTRIES as usize / 64],
+            irt_owner: [None; IRT_ENTRIES as usize],
             irt_x2apic: false,
             domains: Vec::new(),
-            // Domain 0 is reserved when caching mode is set; never used at all here.
-            next_domain: 1,
             attached: Vec::new(),
             counters: UnitCounters::default(),
         })
@@ -187,6 +228,13 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
     /// Global status now.
     pub fn status(&self) -> Gsts {
         Gsts::from_bits_retain(self.regs.read32(regs::GSTS))
+    }
+
+    /// Interrupt remapping is on: a remapping table is installed and GSTS.IRES is set. Without
+    /// it a device's writes to 0xFEEx_xxxx reach the CPUs as compatibility-format interrupts
+    /// (any vector, any CPU), so no device may be given to a guest.
+    pub fn remaps_interrupts(&self) -> bool {
+        self.irt != 0 && self.status().contains(Gsts::IRES)
     }
 
     fn alloc(&self, pages: u64) -> Result<u64, IommuError> {
@@ -232,6 +280,12 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         if st.contains(Gsts::QIES) {
             self.command(Gcmd::QIE, false, "disable queued invalidation")?;
         }
+        // A queue error left by firmware or an earlier kernel stops the unit from fetching
+        // any descriptor: clear it before the queue starts.
+        let stale = self.regs.read32(regs::FSTS) & QUEUE_ERRORS;
+        if stale != 0 {
+            self.regs.write32(regs::FSTS, stale);
+        }
         // Root table: all entries not present.
         self.root = self.alloc(1)?;
         self.regs.write64(regs::RTADDR, self.root);
@@ -244,12 +298,14 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         self.regs.write64(regs::IQA, self.queue);
         self.command(Gcmd::QIE, true, "enable queued invalidation")?;
         self.invalidate(&[qi::context_global(), qi::iotlb_global()])?;
-        // Fault events: clear old records, then unmask.
+        // Fault events: clear old records, then unmask. FECTL bits 29:0 are reserved and
+        // preserved (RsvdP), IP (30) is read-only: only IM changes.
         self.regs.write32(regs::FEDATA, u32::from(fault.vector));
         self.regs.write32(regs::FEADDR, 0xfee0_0000 | u32::from(fault.apic_id) << 12);
         self.regs.write32(regs::FEUADDR, 0);
         self.fault_reader().drain(&mut |_| {});
-        self.regs.write32(regs::FECTL, 0);
+        let fectl = self.regs.read32(regs::FECTL);
+        self.regs.write32(regs::FECTL, fectl & !(regs::FECTL_IM | regs::FECTL_IP));
         if remap_interrupts {
             if !self.ecap.interrupt_remapping() {
                 return Err(IommuError::Unsupported("interrupt remapping"));
@@ -270,7 +326,10 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
     }
 
     /// Submits `descriptors` followed by a wait descriptor and waits (bounded) for the unit to
-    /// write the completion word. Checks FSTS for queue errors.
+    /// write the completion word. Checks FSTS for queue errors: a descriptor the unit refuses
+    /// (IQE; IQH points at it and the unit fetches it again once IQE is cleared) is replaced
+    /// by a harmless one before IQE is cleared, so the queue never wedges; the call still
+    /// fails with `QueueError`, after the wait completed.
     pub fn invalidate(&mut self, descriptors: &[(u64, u64)]) -> Result<(), IommuError> {
         self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
         let seq = self.wait_seq;
@@ -285,28 +344,55 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
             }
             core::hint::spin_loop();
         }
+        let mut wait_at = 0;
         for &(lo, hi) in descriptors.iter().chain(core::iter::once(&qi::wait(self.status, seq))) {
-            let at = self.queue + self.ring.push();
-            self.mem.write64(at, lo);
-            self.mem.write64(at + 8, hi);
-            self.flush(at, 16);
+            wait_at = self.queue + self.ring.push();
+            self.mem.write64(wait_at, lo);
+            self.mem.write64(wait_at + 8, hi);
+            self.flush(wait_at, 16);
             self.counters.descriptors += 1;
         }
         self.regs.write64(regs::IQT, self.ring.tail_register());
+        let mut errors = 0;
+        let mut replaced = 0;
         for _ in 0..POLL_LIMIT {
             if self.mem.read64(self.status) as u32 == seq {
                 self.counters.waits += 1;
-                return Ok(());
+                return if errors == 0 { Ok(()) } else { Err(IommuError::QueueError(errors)) };
             }
-            let fsts = self.regs.read32(regs::FSTS);
-            let errors = fsts & (regs::Fsts::IQE | regs::Fsts::ICE | regs::Fsts::ITE).bits();
-            if errors != 0 {
-                self.regs.write32(regs::FSTS, errors);
-                return Err(IommuError::QueueError(errors));
+            let found = self.regs.read32(regs::FSTS) & QUEUE_ERRORS;
+            if found != 0 {
+                errors |= found;
+                let refused = found & regs::Fsts::IQE.bits() != 0;
+                // Each replacement moves the unit past one of this call's descriptors.
+                let go_on = refused && replaced < need && self.replace_refused(wait_at);
+                replaced += 1;
+                self.regs.write32(regs::FSTS, found);
+                if !go_on {
+                    return Err(IommuError::QueueError(errors));
+                }
             }
             core::hint::spin_loop();
         }
-        Err(IommuError::Timeout("invalidation wait"))
+        Err(if errors != 0 { IommuError::QueueError(errors) } else { IommuError::Timeout("invalidation wait") })
+    }
+
+    /// Overwrites the descriptor IQH points at (the one the unit refused) with a wait
+    /// descriptor shaped like this call's own, which the unit accepts (Linux
+    /// `qi_check_fault` copies its wait descriptor the same way), but writing 0 to the
+    /// completion word: a value never waited for, so only the real wait ends the call. True
+    /// when that wait can still complete: false when the refused one was the wait itself (it
+    /// is then replaced by a global context-cache invalidation, always valid).
+    fn replace_refused(&mut self, wait_at: u64) -> bool {
+        let head = Ring::head_index(self.regs.read64(regs::IQH)) % self.ring.entries;
+        let at = self.queue + head * qi::DESCRIPTOR_BYTES;
+        let is_wait = at == wait_at;
+        let (lo, hi) = if is_wait { qi::context_global() } else { qi::wait(self.status, 0) };
+        self.mem.write64(at, lo);
+        self.mem.write64(at + 8, hi);
+        self.flush(at, 16);
+        self.counters.refused_descriptors += 1;
+        !is_wait
     }
 
     /// A reader for the fault recording registers that needs no access to the rest of the
@@ -326,13 +412,7 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
     fn flush_domain(&mut self, id: DomainId) -> Result<(), IommuError> {
         self.invalidate(&[qi::iotlb_domain(id)])?;
         // Nothing can hold the unlinked tables any more.
-        let d = self.domain_mut(id)?;
-        let mem = d.tables.memory_mut();
-        let retired = core::mem::take(&mut mem.retired);
-        self.counters.leaked_tables += core::mem::take(&mut mem.leaked);
-        for t in retired {
-            self.mem.free(t, 1);
-        }
+        self.domain_mut(id)?.tables.memory_mut().reclaim();
         Ok(())
     }
 
@@ -341,37 +421,52 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         (table != 0).then(|| table + 16 * u64::from(dev.device << 3 | dev.function))
     }
 
-    fn irt_entry(&self, handle: InterruptHandle) -> Option<u64> {
-        let i = handle.0;
-        let used = self.irt != 0 && i < IRT_ENTRIES && self.irt_used[usize::from(i / 64)] & (1 << (i % 64)) != 0;
-        used.then(|| self.irt + 16 * u64::from(i))
+    /// Where `dev`'s entry `handle` lives; `NoSuchInterrupt` when it is free or another
+    /// device's.
+    fn irt_entry(&self, dev: PciAddress, handle: InterruptHandle) -> Result<u64, IommuError> {
+        let i = usize::from(handle.0);
+        let owned = self.irt != 0 && self.irt_owner.get(i).copied().flatten() == Some(dev);
+        if owned { Ok(self.irt + 16 * u64::from(handle.0)) } else { Err(IommuError::NoSuchInterrupt(handle)) }
     }
 
-    fn write_irte(&mut self, at: u64, irte: Irte) {
-        let (lo, hi) = irte.encode();
-        // Not present while the halves change, then present.
+    fn irte(&self, dev: PciAddress, target: InterruptTarget) -> Result<Irte, IommuError> {
+        if !self.irt_x2apic && target.apic_id > 0xff {
+            // xAPIC destinations are 8 bits (IRTE 47:40): never deliver to `id & 0xff`.
+            return Err(IommuError::Unsupported("xAPIC destination above 255"));
+        }
+        Ok(Irte {
+            vector: target.vector,
+            destination: target.apic_id,
+            source_id: dev.requester_id(),
+            x2apic: self.irt_x2apic,
+        })
+    }
+
+    /// Clears an entry: the present bit (low half) first.
+    fn clear_irte(&mut self, at: u64) {
         self.mem.write64(at, 0);
-        self.mem.write64(at + 8, hi);
-        self.mem.write64(at, lo);
+        self.mem.write64(at + 8, 0);
         self.flush(at, 16);
     }
 }
 
+/// FSTS bits of the invalidation queue (RW1C).
+const QUEUE_ERRORS: u32 = regs::Fsts::IQE.bits() | regs::Fsts::ICE.bits() | regs::Fsts::ITE.bits();
+
 impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
     fn create_domain(&mut self) -> Result<DomainId, IommuError> {
-        if self.domains.is_full() || u32::from(self.next_domain) >= self.cap.domains() {
+        if self.domains.is_full() {
             return Err(IommuError::Exhausted("domain IDs"));
         }
-        let mem = DomainTables {
-            mem: self.mem.clone(),
-            coherent: self.ecap.coherent(),
-            limit: self.limit,
-            retired: Vec::new(),
-            leaked: 0,
-        };
+        // The lowest ID no live domain holds (destroy invalidated its IOTLB entries, so it
+        // can be reused). ID 0 is reserved when caching mode is set; never used at all here.
+        let limit = self.cap.domains();
+        let id = (1..=DomainId::MAX)
+            .take_while(|&id| u32::from(id) < limit)
+            .find(|&id| self.domains.iter().all(|d| d.id != id))
+            .ok_or(IommuError::Exhausted("domain IDs"))?;
+        let mem = DomainTables::new(self.mem.clone(), self.ecap.coherent(), self.limit);
         let tables = PageTable::new(mem, Options::vtd(self.levels, self.largest))?;
-        let id = self.next_domain;
-        self.next_domain += 1;
         let _ = self.domains.push(Domain { id, tables });
         Ok(id)
     }
@@ -385,28 +480,37 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
         let mut mem = d.tables.destroy();
         // No device uses the domain; flush its IOTLB entries before the frames are reused.
         self.invalidate(&[qi::iotlb_domain(domain)])?;
-        self.counters.leaked_tables += mem.leaked;
-        for t in core::mem::take(&mut mem.retired) {
-            self.mem.free(t, 1);
-        }
+        mem.reclaim();
         Ok(())
     }
 
     fn map(&mut self, domain: DomainId, iova: u64, paddr: u64, len: u64, access: DmaAccess) -> Result<(), IommuError> {
+        // Second-level entries reserve the address bits from the host address width up: the
+        // unit would fault every access (reason 0Ch) rather than translate.
+        if paddr.checked_add(len).is_none_or(|end| end > self.limit) {
+            return Err(IommuError::BadMapping(conduit_paging::MapError::OutOfRange(paddr)));
+        }
         let attrs = match access {
             DmaAccess::Read => Attrs::DMA_READ,
             DmaAccess::ReadWrite => Attrs::DMA_READ_WRITE,
         };
         let largest = self.largest;
-        self.domain_mut(domain)?.tables.map(iova, paddr, len, attrs, largest)?;
-        // Replacing or splitting a mapping, or caching mode (not-present entries cached):
-        // the IOTLB must forget the old translations.
-        self.flush_domain(domain)
+        let changed = self.domain_mut(domain)?.tables.map(iova, paddr, len, attrs, largest);
+        // Replacing or splitting a mapping, or caching mode (not-present entries cached): the
+        // IOTLB must forget the old translations — also when the change failed partway, since
+        // what it already replaced is gone.
+        let flushed = self.flush_domain(domain);
+        changed?;
+        flushed
     }
 
     fn unmap(&mut self, domain: DomainId, iova: u64, len: u64) -> Result<(), IommuError> {
-        self.domain_mut(domain)?.tables.unmap(iova, len)?;
-        self.flush_domain(domain)
+        let changed = self.domain_mut(domain)?.tables.unmap(iova, len);
+        // Entries removed before a failure (a split without a free frame) must leave the IOTLB
+        // before the caller hears about the error.
+        let flushed = self.flush_domain(domain);
+        changed?;
+        flushed
     }
 
     fn translate(&self, domain: DomainId, iova: u64) -> Option<(u64, DmaAccess)> {
@@ -422,6 +526,9 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
         }
         if self.attached.is_full() {
             return Err(IommuError::Exhausted("attachment slots"));
+        }
+        if self.irt_owner.contains(&Some(dev)) {
+            return Err(IommuError::InterruptsInUse(dev));
         }
         let table = self.domains.iter().find(|d| d.id == domain).ok_or(IommuError::NoSuchDomain(domain))?.tables.root();
         let bus = usize::from(dev.bus);
@@ -454,7 +561,22 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
             self.mem.write64(at + 8, 0);
             self.flush(at, 16);
         }
-        self.invalidate(&[qi::context_device(domain, dev.requester_id()), qi::iotlb_domain(domain)])
+        // The device leaves its owner: so do its interrupt entries, or it could still raise
+        // the old owner's vectors under its next one.
+        let mut freed_interrupts = false;
+        for index in 0..IRT_ENTRIES {
+            if self.irt_owner[usize::from(index)] == Some(dev) {
+                self.clear_irte(self.irt + 16 * u64::from(index));
+                self.irt_owner[usize::from(index)] = None;
+                freed_interrupts = true;
+            }
+        }
+        let context = qi::context_device(domain, dev.requester_id());
+        if freed_interrupts {
+            self.invalidate(&[context, qi::iotlb_domain(domain), qi::iec_global()])
+        } else {
+            self.invalidate(&[context, qi::iotlb_domain(domain)])
+        }
     }
 
     fn domain_of(&self, dev: PciAddress) -> Option<DomainId> {
@@ -465,41 +587,46 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
         if self.irt == 0 {
             return Err(IommuError::Unsupported("interrupt remapping is not enabled"));
         }
+        let irte = self.irte(dev, target)?;
         let index = (0..IRT_ENTRIES)
-            .find(|&i| self.irt_used[usize::from(i / 64)] & (1 << (i % 64)) == 0)
+            .find(|&i| self.irt_owner[usize::from(i)].is_none())
             .ok_or(IommuError::Exhausted("interrupt remapping entries"))?;
-        self.irt_used[usize::from(index / 64)] |= 1 << (index % 64);
+        self.irt_owner[usize::from(index)] = Some(dev);
         let at = self.irt + 16 * u64::from(index);
-        let irte = Irte {
-            vector: target.vector,
-            destination: target.apic_id,
-            source_id: dev.requester_id(),
-            x2apic: self.irt_x2apic,
-        };
-        self.write_irte(at, irte);
+        // A free entry is all zero (not present): upper half first, present bit last.
+        let (lo, hi) = irte.encode();
+        self.mem.write64(at + 8, hi);
+        self.mem.write64(at, lo);
+        self.flush(at, 16);
         if let Err(e) = self.invalidate(&[qi::iec_index(index)]) {
-            // Free exactly what this call took.
-            self.mem.write64(at, 0);
-            self.irt_used[usize::from(index / 64)] &= !(1 << (index % 64));
+            // Free exactly what this call took, visibly to a unit that does not snoop.
+            self.clear_irte(at);
+            self.irt_owner[usize::from(index)] = None;
             return Err(e);
         }
         Ok(InterruptHandle(index))
     }
 
-    fn retarget_interrupt(&mut self, handle: InterruptHandle, target: InterruptTarget) -> Result<(), IommuError> {
-        let at = self.irt_entry(handle).ok_or(IommuError::NoSuchInterrupt(handle))?;
-        let source_id = self.mem.read64(at + 8) as u16;
-        let irte = Irte { vector: target.vector, destination: target.apic_id, source_id, x2apic: self.irt_x2apic };
-        self.write_irte(at, irte);
+    fn retarget_interrupt(
+        &mut self,
+        dev: PciAddress,
+        handle: InterruptHandle,
+        target: InterruptTarget,
+    ) -> Result<(), IommuError> {
+        let at = self.irt_entry(dev, handle)?;
+        let (lo, _) = self.irte(dev, target)?.encode();
+        // The upper half (source ID and its validation) stays as it is: one 64-bit store of
+        // the low half changes vector and destination at once, so the entry is present
+        // throughout and an interrupt arriving meanwhile goes to the old or the new target.
+        self.mem.write64(at, lo);
+        self.flush(at, 16);
         self.invalidate(&[qi::iec_index(handle.0)])
     }
 
-    fn free_interrupt(&mut self, handle: InterruptHandle) -> Result<(), IommuError> {
-        let at = self.irt_entry(handle).ok_or(IommuError::NoSuchInterrupt(handle))?;
-        self.mem.write64(at, 0);
-        self.mem.write64(at + 8, 0);
-        self.flush(at, 16);
-        self.irt_used[usize::from(handle.0 / 64)] &= !(1 << (handle.0 % 64));
+    fn free_interrupt(&mut self, dev: PciAddress, handle: InterruptHandle) -> Result<(), IommuError> {
+        let at = self.irt_entry(dev, handle)?;
+        self.clear_irte(at);
+        self.irt_owner[usize::from(handle.0)] = None;
         self.invalidate(&[qi::iec_index(handle.0)])
     }
 
@@ -529,7 +656,8 @@ pub struct Drained {
 
 impl<R: VtdRegs> FaultReader<R> {
     /// Reads every pending record (at most one pass over the registers), clears each F bit
-    /// (write 1), then clears the RW1C status bits that were set (never PPF, never FRI).
+    /// (write 1), then clears the overflow bit PFO if it was set. Never PPF (read-only), never
+    /// FRI, never the queue errors IQE/ICE/ITE: those belong to `VtdUnit::invalidate`.
     pub fn drain(&self, sink: &mut dyn FnMut(Fault)) -> Drained {
         let fsts = self.regs.read32(regs::FSTS);
         let mut out = Drained { overflowed: fsts & regs::Fsts::PFO.bits() != 0, ..Drained::default() };
@@ -654,10 +782,55 @@ mod tests {
         assert!(n > 600);
         regs.state.borrow_mut().queue_stalled = true;
         assert_eq!(u.invalidate(&[qi::iec_global()]), Err(IommuError::Timeout("invalidation wait")));
+    }
+
+    /// A descriptor type the unit refuses.
+    const BAD: (u64, u64) = (0xf, 0);
+
+    #[test]
+    fn a_refused_descriptor_is_replaced_and_the_queue_goes_on() {
         let (regs, mut u) = enabled();
-        regs.state.borrow_mut().queue_error = true;
-        assert_eq!(u.invalidate(&[qi::iec_global()]), Err(IommuError::QueueError(regs::Fsts::IQE.bits())));
-        assert_eq!(regs.read32(regs::FSTS) & regs::Fsts::IQE.bits(), 0, "IQE cleared");
+        let iqe = regs::Fsts::IQE.bits();
+        assert_eq!(u.invalidate(&[qi::iec_global(), BAD, qi::iotlb_global()]), Err(IommuError::QueueError(iqe)));
+        assert_eq!(regs.read32(regs::FSTS) & iqe, 0, "IQE cleared");
+        // The descriptors around the refused one were still carried out; in its slot, a wait
+        // descriptor.
+        let done = regs.state.borrow().descriptors.clone();
+        let types: std::vec::Vec<u64> = done[done.len() - 4..].iter().map(|d| d & 0xf).collect();
+        assert_eq!(types, [4, 5, 2, 5], "IEC, replacement wait, IOTLB, wait");
+        assert_eq!(u.counters().refused_descriptors, 1);
+        // The queue is not wedged: the next invalidations go through.
+        u.invalidate(&[qi::iec_global()]).unwrap();
+        u.invalidate(&[qi::context_global()]).unwrap();
+        // Several refused descriptors in one call: each replaced, the call still fails once.
+        assert_eq!(u.invalidate(&[BAD, BAD, BAD]), Err(IommuError::QueueError(iqe)));
+        u.invalidate(&[qi::iec_global()]).unwrap();
+    }
+
+    #[test]
+    fn a_stale_queue_error_is_cleared_before_the_queue_starts() {
+        let (regs, mut u) = unit();
+        // Left by firmware: the unit fetches nothing while IQE is set.
+        regs.state.borrow_mut().regs32.insert(regs::FSTS, (regs::Fsts::IQE | regs::Fsts::ITE).bits());
+        u.enable(FAULT, true).unwrap();
+        assert_eq!(regs.read32(regs::FSTS) & QUEUE_ERRORS, 0);
+    }
+
+    #[test]
+    fn fault_event_control_keeps_its_reserved_bits() {
+        let (regs, mut u) = unit();
+        // Reset value: IM set; reserved bits 29:0 hold something (RsvdP); IP set (read-only).
+        let reserved = 0x0000_a005;
+        regs.state.borrow_mut().regs32.insert(regs::FECTL, regs::FECTL_IM | regs::FECTL_IP | reserved);
+        u.enable(FAULT, true).unwrap();
+        assert_eq!(regs.read32(regs::FECTL), reserved, "unmasked, reserved bits preserved, IP not written");
+    }
+
+    #[test]
+    fn fault_event_destination_is_never_truncated() {
+        assert_eq!(FaultEvent::new(3, 0x32), Ok(FaultEvent { apic_id: 3, vector: 0x32 }));
+        assert_eq!(FaultEvent::new(255, 0x32).map(|f| f.apic_id), Ok(255));
+        assert_eq!(FaultEvent::new(256, 0x32), Err(IommuError::Unsupported("fault-event APIC ID above 255")));
     }
 
     #[test]
@@ -733,14 +906,14 @@ mod tests {
             qi::wait(0, 0).0 & 0xff | (u64::from(u.wait_seq) << 32)
         );
         assert_eq!(u.msi_message(b), MsiMessage { address: 0xfee0_0030, data: 0 });
-        u.retarget_interrupt(a, InterruptTarget { apic_id: 2, vector: 0x50 }).unwrap();
+        u.retarget_interrupt(edu, a, InterruptTarget { apic_id: 2, vector: 0x50 }).unwrap();
         assert_eq!(u.mem.read64(u.irt) >> 16 & 0xff, 0x50);
         assert_eq!(u.mem.read64(u.irt + 8) as u16, 0x10, "source ID kept");
-        u.free_interrupt(a).unwrap();
+        u.free_interrupt(edu, a).unwrap();
         assert_eq!(u.mem.read64(u.irt), 0);
-        assert_eq!(u.free_interrupt(a), Err(IommuError::NoSuchInterrupt(a)));
+        assert_eq!(u.free_interrupt(edu, a), Err(IommuError::NoSuchInterrupt(a)));
         assert_eq!(
-            u.retarget_interrupt(InterruptHandle(999), InterruptTarget { apic_id: 0, vector: 0x40 }),
+            u.retarget_interrupt(edu, InterruptHandle(999), InterruptTarget { apic_id: 0, vector: 0x40 }),
             Err(IommuError::NoSuchInterrupt(InterruptHandle(999)))
         );
         // The freed slot is reused; the table fills up cleanly.
@@ -752,6 +925,96 @@ mod tests {
             u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x45 }),
             Err(IommuError::Exhausted("interrupt remapping entries"))
         );
+    }
+
+    #[test]
+    fn interrupt_entries_belong_to_their_device() {
+        let (regs, mut u) = enabled();
+        let (edu, other) = (PciAddress::new(0, 2, 0), PciAddress::new(0, 3, 0));
+        let t = InterruptTarget { apic_id: 0, vector: 0x41 };
+        let h = u.alloc_interrupt(edu, t).unwrap();
+        let at = u.irt + 16 * u64::from(h.0);
+        let entry = (u.mem.read64(at), u.mem.read64(at + 8));
+        // Another device's handle: refused, the entry untouched.
+        let moved = InterruptTarget { apic_id: 1, vector: 0x60 };
+        assert_eq!(u.retarget_interrupt(other, h, moved), Err(IommuError::NoSuchInterrupt(h)));
+        assert_eq!(u.free_interrupt(other, h), Err(IommuError::NoSuchInterrupt(h)));
+        assert_eq!((u.mem.read64(at), u.mem.read64(at + 8)), entry);
+        // A device holding entries cannot enter a domain (a new owner) with them.
+        let d = u.create_domain().unwrap();
+        assert_eq!(u.attach(d, edu), Err(IommuError::InterruptsInUse(edu)));
+        u.free_interrupt(edu, h).unwrap();
+        u.attach(d, edu).unwrap();
+        // Detach frees what the device still holds, and invalidates the interrupt entry cache.
+        let a = u.alloc_interrupt(edu, t).unwrap();
+        let b = u.alloc_interrupt(edu, t).unwrap();
+        let kept = u.alloc_interrupt(other, t).unwrap();
+        let before = regs.state.borrow().descriptors.len();
+        u.detach(edu).unwrap();
+        assert!(regs.state.borrow().descriptors[before..].contains(&qi::iec_global().0));
+        for x in [a, b] {
+            assert_eq!(u.mem.read64(u.irt + 16 * u64::from(x.0)), 0, "not present");
+            assert_eq!(u.free_interrupt(edu, x), Err(IommuError::NoSuchInterrupt(x)));
+        }
+        assert_eq!(u.mem.read64(u.irt + 16 * u64::from(kept.0)) & 1, 1, "the other device keeps its entry");
+        u.attach(d, edu).unwrap();
+    }
+
+    #[test]
+    fn retargeting_never_makes_the_entry_not_present() {
+        let (_, mut u) = enabled();
+        let edu = PciAddress::new(0, 2, 0);
+        let h = u.alloc_interrupt(edu, InterruptTarget { apic_id: 1, vector: 0x41 }).unwrap();
+        let at = u.irt + 16 * u64::from(h.0);
+        let hi = u.mem.read64(at + 8);
+        u.mem.state.borrow_mut().ops.clear();
+        u.retarget_interrupt(edu, h, InterruptTarget { apic_id: 7, vector: 0x52 }).unwrap();
+        let ops = u.mem.state.borrow().ops.clone();
+        let irte_writes: std::vec::Vec<_> = ops
+            .iter()
+            .filter_map(|o| match *o {
+                crate::fake::DmaOp::Write(a, v) if a == at || a == at + 8 => Some((a, v)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(irte_writes, [(at, 1 | 0x52 << 16 | 7 << 40)], "one store of the low half, present");
+        assert_eq!(u.mem.read64(at + 8), hi);
+        assert!(ops.contains(&crate::fake::DmaOp::Flush(at, 16)));
+    }
+
+    #[test]
+    fn xapic_destinations_above_255_are_refused() {
+        let (_, mut u) = enabled();
+        let edu = PciAddress::new(0, 2, 0);
+        let far = InterruptTarget { apic_id: 256, vector: 0x41 };
+        assert_eq!(u.alloc_interrupt(edu, far), Err(IommuError::Unsupported("xAPIC destination above 255")));
+        let h = u.alloc_interrupt(edu, InterruptTarget { apic_id: 255, vector: 0x41 }).unwrap();
+        assert_eq!(h.0, 0, "the refused call took no entry");
+        let at = u.irt + 16 * u64::from(h.0);
+        let before = u.mem.read64(at);
+        assert_eq!(before >> 40 & 0xff, 255);
+        assert_eq!(u.retarget_interrupt(edu, h, far), Err(IommuError::Unsupported("xAPIC destination above 255")));
+        assert_eq!(u.mem.read64(at), before, "entry unchanged");
+    }
+
+    #[test]
+    fn a_failed_allocation_clears_its_entry_visibly() {
+        let (regs, mut u) = enabled();
+        let edu = PciAddress::new(0, 2, 0);
+        regs.state.borrow_mut().queue_stalled = true;
+        u.mem.state.borrow_mut().ops.clear();
+        let r = u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x41 });
+        assert_eq!(r, Err(IommuError::Timeout("invalidation wait")));
+        let at = u.irt;
+        assert_eq!((u.mem.read64(at), u.mem.read64(at + 8)), (0, 0));
+        let ops = u.mem.state.borrow().ops.clone();
+        let last_write =
+            ops.iter().rposition(|o| matches!(*o, crate::fake::DmaOp::Write(a, _) if a == at || a == at + 8));
+        let last_flush = ops.iter().rposition(|o| *o == crate::fake::DmaOp::Flush(at, 16));
+        assert!(last_flush > last_write, "the cleared entry was flushed after the last write to it");
+        regs.state.borrow_mut().queue_stalled = false;
+        regs.state.borrow_mut().head = u.ring.tail;
+        assert_eq!(u.alloc_interrupt(edu, InterruptTarget { apic_id: 0, vector: 0x41 }), Ok(InterruptHandle(0)));
     }
 
     #[test]
@@ -773,6 +1036,107 @@ mod tests {
         assert_eq!(got[1], Fault { source_id: 0x10, reason: 0x26, kind: FaultKind::Interrupt { index: 7 } });
         assert_eq!(regs.read32(regs::FSTS) & 0xff, 0, "PFO cleared, PPF gone");
         assert_eq!(u.fault_reader().drain(&mut |_| panic!("no more faults")), Drained::default());
+    }
+
+    #[test]
+    fn interrupt_remapping_state_is_reported() {
+        let (_, u) = enabled();
+        assert!(u.remaps_interrupts());
+        let (_, mut u) = unit();
+        u.enable(FAULT, false).unwrap();
+        assert!(!u.remaps_interrupts(), "no remapping table: nothing may be assigned");
+        let (regs, u) = enabled();
+        u.regs.write32(regs::GCMD, (Gcmd::QIE | Gcmd::TE).bits());
+        assert_eq!(regs.state.borrow().regs32[&regs::GSTS] & Gsts::IRES.bits(), 0);
+        assert!(!u.remaps_interrupts(), "IRES cleared behind the driver's back");
+    }
+
+    #[test]
+    fn failed_changes_still_invalidate_the_iotlb() {
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::ReadWrite).unwrap();
+        u.map(d, 0x20_0000, 0x8000_0000, 0x20_0000, DmaAccess::ReadWrite).unwrap();
+        u.map(d, 0x3fff_f000, 0x9000_0000, 0x1000, DmaAccess::ReadWrite).unwrap();
+        u.mem.state.borrow_mut().fail_alloc = true;
+        // Unmap: the 4 KiB page goes, then splitting the 2 MiB page needs a table.
+        let before = regs.state.borrow().descriptors.len();
+        assert_eq!(u.unmap(d, 0x1000, 0x20_0000), Err(IommuError::OutOfMemory));
+        assert_eq!(u.translate(d, 0x1000), None);
+        assert!(regs.state.borrow().descriptors[before..].contains(&qi::iotlb_domain(d).0), "IOTLB invalidated");
+        // Map: the first page is replaced, the next one needs a new directory.
+        let before = regs.state.borrow().descriptors.len();
+        assert_eq!(u.map(d, 0x3fff_f000, 0xa000_0000, 0x2000, DmaAccess::Read), Err(IommuError::OutOfMemory));
+        assert_eq!(u.translate(d, 0x3fff_f000), Some((0xa000_0000, DmaAccess::Read)));
+        assert!(regs.state.borrow().descriptors[before..].contains(&qi::iotlb_domain(d).0), "IOTLB invalidated");
+    }
+
+    #[test]
+    fn mappings_beyond_the_host_address_width_are_refused() {
+        let (_, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        let out = |p| Err(IommuError::BadMapping(conduit_paging::MapError::OutOfRange(p)));
+        assert_eq!(u.map(d, 0, 1 << 39, 0x1000, DmaAccess::Read), out(1 << 39));
+        assert_eq!(u.map(d, 0, (1 << 39) - 0x1000, 0x2000, DmaAccess::Read), out((1 << 39) - 0x1000));
+        assert_eq!(u.map(d, 0, !0xfff, 0x2000, DmaAccess::Read), out(!0xfff));
+        u.map(d, 0, (1 << 39) - 0x1000, 0x1000, DmaAccess::Read).unwrap();
+    }
+
+    #[test]
+    fn domain_ids_are_reused() {
+        let (_, mut u) = enabled();
+        // QEMU: 256 IDs, 255 usable. Far more create/destroy cycles than that.
+        for _ in 0..600 {
+            let d = u.create_domain().unwrap();
+            assert_eq!(d, 1);
+            u.destroy_domain(d).unwrap();
+        }
+        let ids: std::vec::Vec<DomainId> = (0..4).map(|_| u.create_domain().unwrap()).collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
+        u.destroy_domain(2).unwrap();
+        assert_eq!(u.create_domain(), Ok(2), "the lowest free ID");
+        // ND = 6 (65536 IDs): nothing counts past u16.
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with_nd(dma.clone(), 1, 6);
+        let mut u = VtdUnit::probe(regs, dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        for _ in 0..MAX_DOMAINS {
+            u.create_domain().unwrap();
+        }
+        assert_eq!(u.create_domain(), Err(IommuError::Exhausted("domain IDs")), "live domains are bounded");
+        // ND = 0 (16 IDs): IDs 1-15 only.
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with_nd(dma.clone(), 1, 0);
+        let mut u = VtdUnit::probe(regs, dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        for id in 1..16 {
+            assert_eq!(u.create_domain(), Ok(id));
+        }
+        assert_eq!(u.create_domain(), Err(IommuError::Exhausted("domain IDs")));
+    }
+
+    #[test]
+    fn every_table_frame_comes_back() {
+        let (_, mut u) = enabled();
+        let at_start = u.mem.state.borrow().allocated.clone();
+        let d = u.create_domain().unwrap();
+        // 300 sparse pages, one page table each, under one directory.
+        for i in 0..300u64 {
+            u.map(d, i << 21, 0x1000_0000 + (i << 12), 0x1000, DmaAccess::Read).unwrap();
+        }
+        u.destroy_domain(d).unwrap();
+        assert_eq!(u.mem.state.borrow().allocated, at_start, "destroy returns every frame");
+        // One change that unlinks more tables than the inline list holds.
+        let d = u.create_domain().unwrap();
+        let with_root = u.mem.state.borrow().allocated.len();
+        for i in 0..300u64 {
+            u.map(d, i << 21, 0x1000_0000 + (i << 12), 0x1000, DmaAccess::Read).unwrap();
+        }
+        u.map(d, 0, 0x4000_0000, 0x4000_0000, DmaAccess::Read).unwrap();
+        assert_eq!(u.mem.state.borrow().allocated.len(), with_root, "the directory and its 300 tables are back");
+        assert_eq!(u.translate(d, 0x123_4567), Some((0x4123_4567, DmaAccess::Read)));
+        u.destroy_domain(d).unwrap();
+        assert_eq!(u.mem.state.borrow().allocated, at_start);
     }
 
     #[test]

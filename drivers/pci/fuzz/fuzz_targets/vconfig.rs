@@ -5,7 +5,7 @@
 //! physical bit outside the view's hardware-write mask may have changed.
 #![no_main]
 
-use conduit_pci::enumerate::{probe, Inventory};
+use conduit_pci::enumerate::{Inventory, probe};
 use conduit_pci::fake::{FakeConfig, FakeFunction, edu_like, nvme_like};
 use conduit_pci::regs::Command;
 use conduit_pci::vconfig::{DevicePolicy, IntxPolicy, RomPolicy, UnknownPolicy, VirtualConfig};
@@ -38,13 +38,18 @@ fuzz_target!(|data: &[u8]| {
         hide_caps: u32::from_le_bytes([head[3], head[4], 0, 0]),
         hide_ext_caps: u64::from(head[5]),
         rom: if head[6] & 1 != 0 { RomPolicy::Visible } else { RomPolicy::Hidden },
-        unknown: [UnknownPolicy::ReadOnly, UnknownPolicy::Zero, UnknownPolicy::Passthrough][usize::from(head[6] >> 1) % 3],
+        unknown: [UnknownPolicy::ReadOnly, UnknownPolicy::Zero, UnknownPolicy::Passthrough]
+            [usize::from(head[6] >> 1) % 3],
         intx: if head[7] & 1 != 0 { IntxPolicy::Hide } else { IntxPolicy::Expose },
     };
     let at = PciAddress::new(0, 3, 0);
     let cfg = FakeConfig::new();
     cfg.add(at, f);
-    let func = probe(&cfg, at, false, &mut Inventory::default());
+    let mut func = probe(&cfg, at, false, &mut Inventory::default());
+    // Sometimes a config space size a real function never has (unreachable, truncated).
+    if head[7] & 2 != 0 {
+        func.config_size = u16::from(head[7] & 0xfc) << 2;
+    }
     let Ok(mut v) = VirtualConfig::new(&cfg, &func, policy) else { return };
     for op in ops.chunks_exact(8) {
         let width = [Width::Byte, Width::Word, Width::Dword][usize::from(op[0] >> 1) % 3];
