@@ -135,3 +135,11 @@ unsafe impl defmt::Logger for Logger {
 }
 
 defmt::timestamp!("{=u64:us}", crate::arch::time::uptime_us());
+
+/// `value`'s `Display` text (up to 200 bytes), for logging types that only implement `Display`.
+pub fn display(value: &impl core::fmt::Display) -> heapless::String<200> {
+    use core::fmt::Write;
+    let mut s = heapless::String::new();
+    let _ = write!(s, "{value}");
+    s
+}

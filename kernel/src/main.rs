@@ -4,7 +4,7 @@
 //! reported from here on), COM1 console, COM2 defmt log, CPU features, ACPI (RSDP, tables,
 //! MADT), memory map and frame allocator, the kernel's own page tables, local APIC + legacy
 //! PIC and I/O APIC masking, timer calibration, application processors. Then the scenario
-//! named on the command line (`conduit.scenario=NAME`, default `boot_smoke`) runs and its
+//! named on the command line (`conduit.scenario=NAME`, default `partitions`: run the selected guest partitions) runs and its
 //! result is the run's verdict.
 #![no_std]
 #![no_main]
@@ -15,9 +15,11 @@ mod exit;
 mod iommu;
 mod log;
 mod mem;
+mod partitions;
 mod pci;
 mod scenarios;
 mod sync;
+mod vmm;
 
 use arch::{apic, cpu, paging, smp, time};
 use conduit_acpi::{AcpiError, Madt, Mcfg, Signature, Tables, find_rsdp};
@@ -57,6 +59,15 @@ pub struct Platform {
     pub pci_functions: usize,
     /// The IOMMU, when there is one.
     pub iommu: Option<iommu::Summary>,
+    /// SVM as the bootstrap processor found it (every online CPU enabled it, or the error).
+    pub svm: Result<arch::svm::SvmInfo, arch::svm::SvmError>,
+}
+
+static PLATFORM: spin::Once<Platform> = spin::Once::new();
+
+/// What bring-up found, once it finished.
+pub fn platform() -> Option<&'static Platform> {
+    PLATFORM.get()
 }
 
 /// Why bring-up failed.
@@ -290,7 +301,30 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
     let aps_started = smp::start_aps(&madt, bsp_apic_id, features.nx, features.x2apic).map_err(BringUpError::Smp)?;
     println!("boot: {} of {} CPUs online", smp::online(), madt.enabled_cpus().count());
 
-    static PLATFORM: spin::Once<Platform> = spin::Once::new();
+    // SVM on every CPU (each AP enabled its own while starting).
+    let svm = arch::svm::enable_this_cpu(0);
+    match &svm {
+        Ok(info) => {
+            let ready = (0..arch::percpu::MAX_CPUS).filter(|&c| arch::svm::host_vmcb(c).is_some()).count();
+            println!(
+                "boot: svm: revision {}, {} ASIDs, nested paging, next-RIP {}, decode assists {}; on {} CPU(s)",
+                info.revision,
+                info.asids,
+                if info.nrips { "yes" } else { "no" },
+                if info.decode_assists { "yes" } else { "no" },
+                ready
+            );
+            defmt::info!("svm: {}; enabled on {=usize} CPU(s)", info, ready);
+            if let Err(e) = vmm::init() {
+                defmt::error!("vmm: {}", e);
+            }
+        }
+        Err(e) => {
+            println!("boot: svm: unavailable: {}", e.describe());
+            defmt::warn!("svm: unavailable: {}", e);
+        }
+    }
+
     Ok(PLATFORM.call_once(|| Platform {
         record,
         map,
@@ -305,6 +339,7 @@ fn bring_up(record: &'static BootRecord) -> Result<&'static Platform, BringUpErr
         mcfg,
         pci_functions,
         iommu,
+        svm,
     }))
 }
 

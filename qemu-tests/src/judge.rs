@@ -57,6 +57,8 @@ mod tests {
     const S: Scenario = Scenario {
         name: "t",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: crate::scenarios::DEFAULT_CPU,
         about: "",
         smp: 1,

@@ -55,6 +55,10 @@ pub struct RunOptions {
     pub gdb: bool,
     /// Extra `-icount` etc. arguments placed before the scenario's devices.
     pub accel_args: Vec<String>,
+    /// The guest bundle (boot module) for scenarios that run guests.
+    pub bundle: Option<PathBuf>,
+    /// Appended to the kernel command line after the scenario's own words.
+    pub kernel_args: Vec<String>,
 }
 
 /// Arguments every run uses: q35 under TCG, no display/monitor/network, reset ends QEMU,
@@ -100,7 +104,15 @@ pub fn command_line(scenario: &Scenario, kernel: &Path, socket: &Path, dir: &Pat
     args.extend(["-cpu".into(), scenario.cpu.into()]);
     args.extend(["-m".into(), format!("{}M", scenario.memory_mib), "-smp".into(), scenario.smp.to_string()]);
     args.extend(["-kernel".into(), kernel.display().to_string()]);
-    args.extend(["-append".into(), format!("conduit.scenario={}", scenario.sequence())]);
+    let mut append = format!("conduit.scenario={}", scenario.sequence());
+    for a in scenario.kernel_args.iter().copied().chain(opts.kernel_args.iter().map(String::as_str)) {
+        append.push(' ');
+        append.push_str(a);
+    }
+    args.extend(["-append".into(), append]);
+    if let (true, Some(b)) = (scenario.guests, &opts.bundle) {
+        args.extend(["-initrd".into(), b.display().to_string()]);
+    }
     args.extend(scenario.qemu_args.iter().map(|s| s.to_string()));
     if opts.gdb {
         args.extend(["-s".into(), "-S".into()]);
@@ -128,6 +140,12 @@ pub fn run(
     opts: &RunOptions,
     mut on_line: impl FnMut(&Line),
 ) -> std::io::Result<Outcome> {
+    if scenario.guests && opts.bundle.is_none() {
+        return Err(std::io::Error::other(format!(
+            "scenario {} runs guests but no guest bundle was built",
+            scenario.name
+        )));
+    }
     let (socket, dir) = socket_path()?;
     let listener = UnixListener::bind(&socket)?;
     listener.set_nonblocking(true)?;

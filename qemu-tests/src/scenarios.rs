@@ -82,6 +82,10 @@ pub struct Scenario {
     pub name: &'static str,
     /// In-hypervisor sequence (`conduit.scenario=…`) when it differs from `name`.
     pub sequence: Option<&'static str>,
+    /// More kernel command-line words (partition descriptions, sets).
+    pub kernel_args: &'static [&'static str],
+    /// Boots with the guest bundle as a boot module (`-initrd`).
+    pub guests: bool,
     /// QEMU CPU model.
     pub cpu: &'static str,
     /// One line on what it proves.
@@ -105,18 +109,28 @@ pub struct Scenario {
 }
 
 /// Scenario booted by `cargo xtask run` without `--scenario`.
-pub const DEFAULT: &str = "boot_smoke";
+pub const DEFAULT: &str = "guest_hello";
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Text no scenario may show unless it names it as its expected failure.
-const NO_FAILURES: &[&str] = &["PANIC", "EXCEPTION", "FAIL", "bring-up failed", "rejected"];
+const NO_FAILURES: &[&str] = &[
+    "PANIC",
+    "EXCEPTION",
+    "FAIL",
+    "bring-up failed",
+    "acpi: table at",
+    "partitions: rejected",
+    "vmm: partition refused",
+];
 
 /// The table.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_smoke",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "boots, prints the memory map summary, checks allocator exclusions, W^X, guards, IOAPIC masking, timer",
         smp: 1,
@@ -163,6 +177,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_smoke_cpu_max",
         sequence: Some("boot_smoke"),
+        kernel_args: &[],
+        guests: false,
         cpu: "max",
         about: "boot_smoke on QEMU's `max` CPU with 3 GiB: RAM above 4 GiB, 1 GiB pages in the kernel's identity map",
         smp: 1,
@@ -184,6 +200,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "exception_report",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "an armed #BP is reported and resumed; a #PF at a known address is reported and ends the run with failure",
         smp: 1,
@@ -211,6 +229,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "smp_two_cpus",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "with -smp 2 both CPUs come online, run work, take their own timer interrupt and check in",
         smp: 2,
@@ -235,6 +255,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "panic_report",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "a panic prints its location and message on COM1 and ends the run with failure",
         smp: 1,
@@ -256,6 +278,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "stack_overflow",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "recursion into the boot stack's guard page is reported as a stack overflow, not memory corruption",
         smp: 1,
@@ -277,6 +301,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pci_enumerate",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "ECAM enumeration finds edu, nvme, e1000e and the nvme behind a root port with the right BARs and capabilities; legacy ports agree",
         smp: 1,
@@ -326,6 +352,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pci_config_virtualization",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "edu and nvme through their virtual config space: BAR sizing/moves stay virtual, hidden capabilities vanish, read-only bits hold",
         smp: 1,
@@ -369,6 +397,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "iommu_dma_allowed",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "edu DMA through a VT-d domain: bytes round-trip from one mapped IOVA through the device to another, identical",
         smp: 1,
@@ -392,6 +422,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "iommu_dma_blocked",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "edu DMA to unmapped IOVAs, hypervisor code, read-only or stale mappings, and from an unassigned device is blocked and reported with edu's source id and the right reason; a fault flood is survived",
         smp: 1,
@@ -439,6 +471,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "iommu_irq_remap",
         sequence: None,
+        kernel_args: &[],
+        guests: false,
         cpu: DEFAULT_CPU,
         about: "edu MSI through an IRTE arrives at the intended vector; retargeting, freeing and a foreign source id behave; the compatibility-format outcome is reported",
         smp: 1,
@@ -465,6 +499,166 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         forbidden: NO_FAILURES,
         expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "guest_hello",
+        sequence: Some("partitions"),
+        kernel_args: &[],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "the default partition: a guest prints through its console, checks SVM is hidden and its FPU state survives exits, and returns 0x600d by hypercall",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console("boot: svm: revision 1, 16 ASIDs, nested paging, next-RIP no, decode assists no; on 2 CPU(s)"),
+            console_line("partitions: hello:guest=hello,memory=16M,cpus=1,console=serial"),
+            console_line("[hello] hello from hello vcpu 0/1: 16 MiB, ABI 1.0"),
+            console_line("[hello] hello: cpuid and EFER hide SVM; hypervisor leaf \"ConduitHyper\", ABI 1.0"),
+            console_line("[hello] hello: xmm0-15 and x87 state intact across 1000 exits"),
+            console_line("[hello] hello: bad hypercalls rejected: unknown -> -38, bad address -> -14"),
+            console_line("[hello] hello: done"),
+            console("vmm: partition 0 \"hello\" vcpu 0 on cpu 1 stopped: exited with 0x600d"),
+            console("vmm: 1 partition(s) torn down, "),
+            console_line("partitions: partition 0 on cpu 1: exited with 0x600d"),
+            log("guest hello: hello: done"),
+            log("scenario partitions: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "guest_isolation",
+        sequence: None,
+        kernel_args: &[],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "intruders reading unbacked memory, writing the host I/O APIC, triple-faulting and writing at another guest's host address are each stopped and reported while a bystander guest keeps running intact",
+        smp: 3,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console_line("[intruder] intruder: reading unbacked guest-physical 0x1200000 (0x1000000 bytes of RAM)"),
+            console("guest_isolation: intruder 1: read of guest-physical 0x1200000 outside its memory at rip "),
+            console("; bystander still running; 4100 frames returned"),
+            console_line("[intruder] intruder: writing 0xdeadbeefdeadbeef to the host I/O APIC at 0xfec00000"),
+            console("guest_isolation: intruder 2: write of guest-physical 0xfec00000 outside its memory at rip "),
+            console("; bystander still running; 4100 frames returned"),
+            console_line("[intruder] intruder: triple fault (IDT limit 0, then int3)"),
+            console("guest_isolation: intruder 3: triple fault at rip "),
+            console("; bystander still running; 4100 frames returned"),
+            console("guest_isolation: intruder 4: write of guest-physical "),
+            console("; bystander still running; 4100 frames returned"),
+            console("[bystander] worker bystander: "),
+            console(" rounds, checksum 0xc4372ec82a36fb1a stable, canary intact, "),
+            console_line("guest_isolation: bystander: exited with 0x600d"),
+            console("guest_isolation: hypervisor text unchanged, "),
+            log("guest_isolation: intruder 1: MemoryViolation"),
+            log("scenario guest_isolation: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "guest_interrupt_injection",
+        sequence: None,
+        kernel_args: &[],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "vectors injected while the guest halts, spins with interrupts on or off, or runs under a raised TPR each arrive exactly once, higher priority first; the virtual APIC timer fires once",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console_line("[irq] injection: phase A (halted): 0x74 0x73 0x62 0x51"),
+            console_line("[irq] injection: phase B (spinning, IF=1): 0x51 0x62 0x73 0x74"),
+            console_line(
+                "guest_interrupt_injection: phase C: raised 0x51 0x62 0x73 0x74 one by one with IF=0: all held pending",
+            ),
+            console_line("[irq] injection: phase C (spinning, IF=0): 0x74 0x73 0x62 0x51"),
+            console_line("[irq] injection: phase D (TPR 0x60, then 0): 0x73 0x62 0x51"),
+            console_line("[irq] injection: phase E (timer): 0x45"),
+            console_line("[irq] injection: every vector arrived exactly once per raise, higher priority first"),
+            console(
+                "guest_interrupt_injection: exited with 0x600d; 15 raised by the supervisor + 1 by the virtual timer, 16 injected, 0 left pending, ",
+            ),
+            log("guest irq: injection: every vector arrived exactly once per raise, higher priority first"),
+            log("scenario guest_interrupt_injection: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "two_guests_two_cpus",
+        sequence: None,
+        kernel_args: &[],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "two guests run at the same time on two CPUs (one on the bootstrap CPU), each finishing its work",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console("[left] worker left: 60 rounds, checksum 0xc4372ec82a36fb1a stable, canary intact, "),
+            log("guest right: worker right: 60 rounds, checksum 0xe3131169c103bfd1 stable, canary intact, "),
+            console("two_guests_two_cpus: left (partition 0) on cpu 0: worked from "),
+            console("two_guests_two_cpus: right (partition 1) on cpu 1: worked from "),
+            console_line("two_guests_two_cpus: their work overlapped in time"),
+            log("scenario two_guests_two_cpus: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "partition_invalid",
+        sequence: Some("partitions"),
+        kernel_args: &["conduit.partition=bad:guest=hello,memory=16Q,cpus=1"],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "a partition description that does not parse is rejected at boot, saying what is wrong",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console_line("partitions: rejected: partition \"bad\": memory: \"16Q\" is not a size"),
+            console_line("scenario partitions: FAIL: the partition description was rejected"),
+            log("partitions: rejected: partition \"bad\": memory: \"16Q\" is not a size"),
+        ],
+        forbidden: &["PANIC", "EXCEPTION", "vmm: cpu"],
+        expect: Expect::Failure,
+        timeout: TIMEOUT,
+    },
+    Scenario {
+        name: "partition_conflict",
+        sequence: Some("partitions"),
+        kernel_args: &[
+            "conduit.partition=a:guest=hello,memory=16M,cpus=1",
+            "conduit.partition=b:guest=hello,memory=16M,cpus=0+1",
+        ],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "partitions that do not fit the machine (two claim the same CPU) are rejected at boot",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &[],
+        disks: &[],
+        markers: &[
+            console_line("partitions: rejected: partition \"b\": CPU 1 is already used by partition 0"),
+            console_line("scenario partitions: FAIL: the partition description was rejected"),
+            log("partitions: rejected: partition \"b\": "),
+        ],
+        forbidden: &["PANIC", "EXCEPTION", "vmm: cpu"],
+        expect: Expect::Failure,
         timeout: TIMEOUT,
     },
 ];

@@ -1,10 +1,13 @@
 //! `cargo xtask`: the only entry point.
 //!
-//! - `build` — the hypervisor image (later also the test guests).
-//! - `run [--scenario NAME] [--gdb] [-- QEMU ARGS…]` — build, boot in QEMU, stream COM1 and the
-//!   decoded defmt log, exit with the hypervisor's verdict (default scenario: `boot_smoke`).
-//! - `test [NAME…]` — formatting, host tests, clippy (host and target, `-D warnings`), the fuzz
-//!   targets (built, then a short seeded run), the image and its `.defmt` check, then every QEMU
+//! - `build` — the hypervisor image and the test guests, packed into the guest bundle that
+//!   scenarios running guests pass to QEMU as a boot module (`-initrd`).
+//! - `run [--scenario NAME] [--gdb] [--kernel-arg WORD]… [-- QEMU ARGS…]` — build, boot in
+//!   QEMU, stream COM1 and the decoded defmt log, exit with the hypervisor's verdict (default
+//!   scenario: `guest_hello`, the default partition). `--kernel-arg` adds kernel command-line
+//!   words (e.g. `conduit.partition=…`).
+//! - `test [NAME…]` — formatting, host tests, clippy (host and target, `-D warnings`), the loom
+//!   models, the fuzz targets (built, then a short seeded run), the image and its `.defmt` check, then every QEMU
 //!   scenario; with names, only the image, the check and those scenarios. One line per step,
 //!   then `N passed, N failed`.
 //!
@@ -28,8 +31,9 @@ type Result<T> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("build") => build().map(|p| {
-            println!("xtask: image {}", p.display());
+        Some("build") => build().map(|b| {
+            println!("xtask: image {}", b.image.display());
+            println!("xtask: guest bundle {}", b.bundle.display());
             ExitCode::SUCCESS
         }),
         Some("run") => run(&args[1..]),
@@ -50,14 +54,39 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask build
-       cargo xtask run [--scenario NAME] [--gdb] [-- EXTRA QEMU ARGS]
+       cargo xtask run [--scenario NAME] [--gdb] [--kernel-arg WORD]... [-- EXTRA QEMU ARGS]
        cargo xtask test [SCENARIO...]";
 
-/// Builds the image; returns its path.
-fn build() -> Result<PathBuf> {
+/// What `build` produced.
+struct Built {
+    image: PathBuf,
+    bundle: PathBuf,
+}
+
+/// Builds the image and the test guests, and packs the guests into the bundle.
+fn build() -> Result<Built> {
     setup::ensure_target()?;
-    workspace::cargo(&["build", "--release", "-p", "conduit-kernel", "--target", TARGET])?;
-    Ok(workspace::image_path())
+    let meta = workspace::Members::load()?;
+    let mut args = vec!["build", "--release", "--target", TARGET, "-p", "conduit-kernel"];
+    for (pkg, _) in &meta.guests {
+        args.extend(["-p", pkg.as_str()]);
+    }
+    workspace::cargo(&args)?;
+    let mut images: Vec<(String, Vec<u8>)> = Vec::new();
+    for (_, bins) in &meta.guests {
+        for bin in bins {
+            let path = workspace::target_dir().join(bin);
+            let bytes = std::fs::read(&path).map_err(|e| format!("reading guest {}: {e}", path.display()))?;
+            images.push((bin.clone(), bytes));
+        }
+    }
+    let refs: Vec<(&str, &[u8])> = images.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let len = conduit_vm::bundle::encoded_len(&refs).map_err(|e| format!("guest bundle: {e}"))?;
+    let mut out = vec![0u8; len];
+    conduit_vm::bundle::encode(&refs, &mut out).map_err(|e| format!("guest bundle: {e}"))?;
+    let bundle = workspace::bundle_path();
+    std::fs::write(&bundle, &out).map_err(|e| format!("writing {}: {e}", bundle.display()))?;
+    Ok(Built { image: workspace::image_path(), bundle })
 }
 
 fn load_table(image: &Path) -> Result<Arc<LogTable>> {
@@ -73,12 +102,15 @@ fn run(args: &[String]) -> Result<ExitCode> {
         match a.as_str() {
             "--scenario" => name = it.next().ok_or("--scenario needs a name")?.clone(),
             "--gdb" => opts.gdb = true,
+            "--kernel-arg" => opts.kernel_args.push(it.next().ok_or("--kernel-arg needs a value")?.clone()),
             "--" => opts.extra_args.extend(it.by_ref().cloned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
     let scenario = scenarios::find(&name).ok_or_else(|| format!("no scenario named {name:?}; known: {}", names()))?;
-    let image = build()?;
+    let built = build()?;
+    opts.bundle = Some(built.bundle.clone());
+    let image = built.image;
     let qemu_bin = setup::find_or_install_qemu()?;
     let table = load_table(&image)?;
     if opts.gdb {
@@ -173,6 +205,16 @@ fn test(names_given: &[String]) -> Result<ExitCode> {
             a.extend(["--", "-D", "warnings"]);
             workspace::cargo(&a)
         });
+        step(&mut results, "loom", || {
+            // Own target directory: `--cfg loom` rebuilds everything and must not evict the
+            // normal host build.
+            let mut a = vec!["test", "--release", "--lib", "--target-dir", "target/loom"];
+            for c in workspace::LOOM_CRATES {
+                a.extend(["-p", c]);
+            }
+            a.push("loom");
+            workspace::cargo_env(&a, &[("RUSTFLAGS", "--cfg loom")])
+        });
         for &(dir, target, runs) in workspace::FUZZ_TARGETS {
             step(&mut results, &format!("fuzz {target}"), || {
                 setup::ensure_cargo_fuzz()?;
@@ -184,8 +226,11 @@ fn test(names_given: &[String]) -> Result<ExitCode> {
         }
     }
     let mut image = None;
+    let mut run_opts = RunOptions::default();
     let built = step(&mut results, "build-image", || {
-        image = Some(build()?);
+        let b = build()?;
+        image = Some(b.image);
+        run_opts.bundle = Some(b.bundle);
         Ok(())
     });
     let mut table = None;
@@ -206,7 +251,7 @@ fn test(names_given: &[String]) -> Result<ExitCode> {
             let (Some(img), Some(table)) = (image.as_ref(), table.as_ref()) else {
                 return Err("no image to boot (build or .defmt check failed)".into());
             };
-            let outcome = qemu::run(qemu_bin, img, table.clone(), s, &RunOptions::default(), |_| {})
+            let outcome = qemu::run(qemu_bin, img, table.clone(), s, &run_opts, |_| {})
                 .map_err(|e| format!("running QEMU: {e}"))?;
             judge(s, &outcome).map_err(|problems| {
                 let mut msg = problems.join("\n");

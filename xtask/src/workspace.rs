@@ -11,9 +11,19 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
+/// Where release builds for the bare-metal target land.
+pub fn target_dir() -> PathBuf {
+    root().join("target").join(crate::TARGET).join("release")
+}
+
 /// The image `build` produces.
 pub fn image_path() -> PathBuf {
-    root().join("target").join(crate::TARGET).join("release").join("conduit")
+    target_dir().join("conduit")
+}
+
+/// The guest bundle `build` produces (boot module for scenarios that run guests).
+pub fn bundle_path() -> PathBuf {
+    target_dir().join("conduit-guests.bundle")
 }
 
 fn cargo_bin() -> String {
@@ -30,6 +40,20 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
 }
 
+/// Runs cargo with `args` at the root with extra environment variables, output shown.
+pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
+}
+
+/// Crates with loom models (tests named `loom_*`, built with `--cfg loom`).
+pub const LOOM_CRATES: &[&str] = &["conduit-vm"];
+
 /// Runs cargo with `args` in `dir` (relative to the root), output shown.
 pub fn cargo_in(dir: &str, args: &[&str]) -> Result<()> {
     let status = Command::new(cargo_bin())
@@ -41,7 +65,8 @@ pub fn cargo_in(dir: &str, args: &[&str]) -> Result<()> {
 }
 
 /// Fuzz targets: (crate directory, target, runs for the smoke run in `test`).
-pub const FUZZ_TARGETS: &[(&str, &str, u32)] = &[("drivers/pci/fuzz", "vconfig", 20_000)];
+pub const FUZZ_TARGETS: &[(&str, &str, u32)] =
+    &[("drivers/pci/fuzz", "vconfig", 20_000), ("kernel/decode/fuzz", "decode", 20_000)];
 
 /// Workspace members by role.
 #[derive(Debug, Default)]
@@ -50,6 +75,9 @@ pub struct Members {
     pub bare_metal: Vec<String>,
     /// Build only for x86_64-unknown-none (excluded from host tests and host clippy).
     pub target_only: Vec<String>,
+    /// Test-guest packages (`guests = true`) and their binaries: each binary is one guest
+    /// image in the bundle.
+    pub guests: Vec<(String, Vec<String>)>,
 }
 
 impl Members {
@@ -73,7 +101,17 @@ impl Members {
                 m.bare_metal.push(name.clone());
             }
             if conduit["host"].as_bool() == Some(false) {
-                m.target_only.push(name);
+                m.target_only.push(name.clone());
+            }
+            if conduit["guests"].as_bool() == Some(true) {
+                let bins = p["targets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
+                    .filter_map(|t| t["name"].as_str().map(str::to_string))
+                    .collect();
+                m.guests.push((name, bins));
             }
         }
         if m.bare_metal.is_empty() {

@@ -14,6 +14,7 @@ pub mod pci;
 pub mod percpu;
 pub mod smp;
 pub mod stacks;
+pub mod svm;
 pub mod time;
 pub mod vtd;
 

@@ -297,6 +297,9 @@ extern "C" fn ap_main(index: u64) -> ! {
             crate::exit::halt_forever();
         }
     }
+    if let Err(e) = super::svm::enable_this_cpu(me.index()) {
+        defmt::warn!("smp: cpu {=usize}: svm: {}", me.index(), e);
+    }
     ONLINE.fetch_add(1, Ordering::AcqRel);
     me.set_state(CpuState::Online);
     idle(me)

@@ -110,6 +110,20 @@ pub fn start_timer(mode: TimerMode, hz: u64) -> Result<(), ApicError> {
     apic::local().start_timer(mode, vectors::TIMER, APIC_TIMER_DIVIDE, count)
 }
 
+/// Starts this CPU's local APIC timer once, to fire when the TSC reaches `deadline` (at
+/// once, one tick away, if it already has).
+pub fn start_oneshot_at(deadline: u64) {
+    let (tsc_hz, apic_hz) = (TSC_HZ.load(Ordering::Relaxed), APIC_TIMER_HZ.load(Ordering::Relaxed));
+    if tsc_hz == 0 || apic_hz == 0 {
+        return;
+    }
+    let delta = deadline.saturating_sub(rdtsc());
+    let count = u128::from(delta) * u128::from(apic_hz) / u128::from(tsc_hz);
+    let count = u32::try_from(count).unwrap_or(u32::MAX).max(1);
+    // Cannot fail: valid vector and divide.
+    let _ = apic::local().start_timer(TimerMode::OneShot, vectors::TIMER, APIC_TIMER_DIVIDE, count);
+}
+
 /// Stops this CPU's local APIC timer.
 pub fn stop_timer() {
     apic::local().stop_timer();

@@ -6,6 +6,7 @@
 mod boot_smoke;
 mod edu;
 mod exception_report;
+mod guests;
 mod iommu_dma;
 mod iommu_irq_remap;
 mod panic_report;
@@ -18,7 +19,7 @@ use crate::Platform;
 use crate::exit::Verdict;
 
 /// Scenario run when the command line names none.
-pub const DEFAULT: &str = "boot_smoke";
+pub const DEFAULT: &str = "partitions";
 
 /// One sequence.
 struct Scenario {
@@ -37,6 +38,10 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "iommu_dma_allowed", run: iommu_dma::allowed },
     Scenario { name: "iommu_dma_blocked", run: iommu_dma::blocked },
     Scenario { name: "iommu_irq_remap", run: iommu_irq_remap::run },
+    Scenario { name: "partitions", run: guests::partitions },
+    Scenario { name: "guest_isolation", run: guests::isolation },
+    Scenario { name: "guest_interrupt_injection", run: guests::injection },
+    Scenario { name: "two_guests_two_cpus", run: guests::two_at_once },
 ];
 
 /// Runs scenario `name`; an unknown name is a failure that lists the known ones.

@@ -1,0 +1,220 @@
+//! The vCPU loop, on the physical CPU the vCPU is pinned to: with interrupts off, look at
+//! pending work and set up injection; VMRUN (the stub enables interrupts inside the CLGI
+//! window, so a kick or device interrupt arriving from here on exits the guest at once);
+//! handle the exit; on HLT sleep until a deliverable interrupt, the vCPU's timer or a stop
+//! request. The virtual timer is backed by this CPU's local APIC timer, armed for the nearest
+//! deadline before every entry and every sleep.
+
+use super::{Outcome, VcpuSlot, VcpuState, slot};
+use crate::arch::percpu::{PerCpu, Work};
+use crate::arch::{svm, time};
+use crate::println;
+use conduit_vm::cpuid::CpuidResult;
+use conduit_vm::memory::GuestMemory;
+use conduit_vm::partition::{Console, Name};
+use conduit_vm::vcpu::{Action, Env, Stop, Vcpu};
+use conduit_vm::vmcb::{Vmcb, tlb_control};
+use core::sync::atomic::Ordering;
+use x86_64::instructions::interrupts;
+
+/// What a CPU needs to run one vCPU.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// Partition index.
+    pub partition: usize,
+    /// vCPU index in the partition.
+    pub vcpu: u32,
+    /// The vCPU's VMCB (a frame the partition owns).
+    pub vmcb_pa: u64,
+    /// The partition's RAM map (read-only while it runs).
+    pub memory: GuestMemory,
+    /// Partition name (console prefix).
+    pub name: Name,
+    /// Where its console lines go.
+    pub console: Console,
+    /// Its ASID.
+    pub asid: u32,
+}
+
+/// Work posted to a CPU to run the vCPU in its slot.
+pub static VCPU_WORK: Work = Work { name: "vcpu", run: vcpu_work };
+
+fn vcpu_work(me: &'static PerCpu) {
+    run_slot(me.index());
+}
+
+/// Runs the vCPU launched on the calling CPU (a partition pinned there), until it stops.
+pub fn run_here() {
+    run_slot(crate::arch::percpu::this_cpu().index());
+}
+
+/// The environment exit handling sees.
+struct KernelEnv<'a> {
+    launch: &'a Launch,
+    slot: &'static VcpuSlot,
+}
+
+impl Env for KernelEnv<'_> {
+    fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.launch.memory.for_each_piece(gpa, buf.len() as u64, |hpa, off, n| {
+            for i in 0..n {
+                // SAFETY:
+                // 1. `hpa + i` lies in one chunk of this guest's RAM (`for_each_piece` checked
+                //    the whole range first): frames the partition owns, identity-mapped RAM.
+                // 2. Volatile byte reads: the guest's other vCPUs may write the same bytes
+                //    concurrently; a torn value is the guest's problem, never a hazard here.
+                buf[(off + i) as usize] = unsafe { core::ptr::read_volatile((hpa + i) as *const u8) };
+            }
+        })
+    }
+
+    fn tsc(&self) -> u64 {
+        time::rdtsc()
+    }
+
+    fn uptime_us(&self) -> u64 {
+        time::uptime_us()
+    }
+
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+    }
+
+    fn console_line(&mut self, line: &[u8]) {
+        let text = core::str::from_utf8(line).unwrap_or("<non-ASCII>");
+        let name = self.launch.name.as_str();
+        match self.launch.console {
+            Console::Serial => {
+                println!("[{}] {}", name, text);
+                defmt::info!("guest {=str}: {=str}", name, text);
+            }
+            Console::Log => defmt::info!("guest {=str}: {=str}", name, text),
+            Console::Discard => {}
+        }
+    }
+
+    fn signal(&mut self, value: u64) {
+        self.slot.signal.store(value, Ordering::Release);
+        let mut log = self.slot.signals.lock();
+        if log.is_full() {
+            log.remove(0);
+        }
+        let _ = log.push((value, time::uptime_us()));
+    }
+
+    fn mailbox(&mut self) -> u64 {
+        self.slot.mailbox.load(Ordering::Acquire)
+    }
+}
+
+/// Arms this CPU's local APIC timer to fire at TSC `deadline` (at once if it passed).
+fn arm_timer(deadline: Option<u64>) {
+    match deadline {
+        Some(d) => time::start_oneshot_at(d),
+        None => time::stop_timer(),
+    }
+}
+
+fn run_slot(cpu: usize) {
+    let Some(slot) = slot(cpu) else { return };
+    let Some(launch) = slot.launch.lock().take() else {
+        defmt::error!("vmm: cpu {=usize}: vCPU work without a launch", cpu);
+        return;
+    };
+    let stop = run_vcpu(cpu, slot, &launch);
+    time::stop_timer();
+    report(cpu, &launch, stop);
+}
+
+fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, conduit_vm::vcpu::Stats) {
+    let Some(host) = svm::host_vmcb(cpu) else {
+        return (Stop::InvalidState, Default::default());
+    };
+    // SAFETY:
+    // 1. `vmcb_pa` is the VMCB frame the partition allocated for this vCPU (4 KiB-aligned,
+    //    identity-mapped RAM, a valid `Vmcb` for any bits); it was initialized before the
+    //    launch was published through the slot's lock.
+    // 2. This CPU is the only one using it until the vCPU stops (one vCPU per CPU, and the
+    //    partition is not torn down while its vCPUs run).
+    let vmcb = unsafe { &mut *(launch.vmcb_pa as *mut Vmcb) };
+    let bsp = launch.vcpu == 0;
+    let mut vcpu = Vcpu::new(launch.vcpu as u8, bsp, conduit_vm::guest::boot_info_gpa(launch.vcpu));
+    let mut env = KernelEnv { launch, slot };
+    slot.set_state(VcpuState::Running);
+    defmt::info!(
+        "vmm: cpu {=usize} runs partition {=usize} \"{=str}\" vcpu {=u32} (asid {=u32})",
+        cpu,
+        launch.partition,
+        launch.name.as_str(),
+        launch.vcpu,
+        launch.asid
+    );
+    let stop = loop {
+        interrupts::disable();
+        if slot.stop_requested.load(Ordering::Acquire) {
+            interrupts::enable();
+            break Stop::Requested;
+        }
+        vcpu.prepare_entry(vmcb, &slot.pending, time::rdtsc());
+        arm_timer(vcpu.lapic.timer_deadline());
+        // SAFETY:
+        // 1. SVM is on for this CPU and `host` is its host VMCB (checked above).
+        // 2. `vmcb` is this vCPU's, exclusively ours (see above); it was built by
+        //    `guest::init_vmcb`: nested paging on over tables mapping only the partition's own
+        //    frames, VMRUN and every I/O port and MSR intercepted.
+        // 3. `vcpu.gprs` is a live, exclusively borrowed `Gprs`.
+        // 4. Interrupts are disabled (just above).
+        unsafe { svm::vmrun(launch.vmcb_pa, host, &mut vcpu.gprs) };
+        vmcb.control.tlb_control = tlb_control::NONE;
+        match vcpu.handle_exit(vmcb, &slot.pending, &mut env) {
+            Action::Resume => {}
+            Action::Halt => {
+                slot.set_state(VcpuState::Halted);
+                loop {
+                    interrupts::disable();
+                    if slot.stop_requested.load(Ordering::Acquire) || vcpu.wake_ready(&slot.pending, time::rdtsc()) {
+                        interrupts::enable();
+                        break;
+                    }
+                    arm_timer(vcpu.lapic.timer_deadline());
+                    // `sti; hlt`: a kick or timer after the check above still ends the hlt.
+                    interrupts::enable_and_hlt();
+                }
+                slot.set_state(VcpuState::Running);
+            }
+            Action::Stop(s) => break s,
+        }
+    };
+    vcpu.flush_console(&mut env);
+    (stop, vcpu.stats)
+}
+
+fn report(cpu: usize, launch: &Launch, (stop, stats): (Stop, conduit_vm::vcpu::Stats)) {
+    let Some(slot) = slot(cpu) else { return };
+    let at_us = time::uptime_us();
+    *slot.outcome.lock() = Some(Outcome { stop, stats, at_us });
+    slot.set_state(VcpuState::Stopped);
+    println!(
+        "vmm: partition {} \"{}\" vcpu {} on cpu {} stopped: {} ({} exits, {} interrupts injected)",
+        launch.partition,
+        launch.name.as_str(),
+        launch.vcpu,
+        cpu,
+        stop,
+        stats.exits,
+        stats.injected
+    );
+    defmt::info!(
+        "vmm: partition {=usize} \"{=str}\" vcpu {=u32} stopped: {}; {}",
+        launch.partition,
+        launch.name.as_str(),
+        launch.vcpu,
+        stop,
+        stats
+    );
+    // A vCPU stopped by a violation takes its partition down with it; the others keep running.
+    if stop.is_violation() {
+        super::stop_partition_of(cpu, launch.partition);
+    }
+}
