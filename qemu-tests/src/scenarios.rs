@@ -515,8 +515,8 @@ pub const SCENARIOS: &[Scenario] = &[
         markers: &[
             console("boot: svm: revision 1, 16 ASIDs, nested paging, next-RIP no, decode assists no; on 2 CPU(s)"),
             console_line("partitions: hello:guest=hello,memory=16M,cpus=1,console=serial"),
-            console_line("[hello] hello from hello vcpu 0/1: 16 MiB, ABI 1.0"),
-            console_line("[hello] hello: cpuid and EFER hide SVM; hypervisor leaf \"ConduitHyper\", ABI 1.0"),
+            console_line("[hello] hello from hello vcpu 0/1: 16 MiB, ABI 1.1"),
+            console_line("[hello] hello: cpuid and EFER hide SVM; hypervisor leaf \"ConduitHyper\", ABI 1.1"),
             console_line("[hello] hello: xmm0-15 and x87 state intact across 1000 exits"),
             console_line("[hello] hello: bad hypercalls rejected: unknown -> -38, bad address -> -14"),
             console_line("[hello] hello: done"),
@@ -542,6 +542,7 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: &[],
         disks: &[],
         markers: &[
+            console("guest_isolation: the bystander's checksummed buffer is at host-physical 0x"),
             console_line("[intruder] intruder: reading unbacked guest-physical 0x1200000 (0x1000000 bytes of RAM)"),
             console("guest_isolation: intruder 1: read of guest-physical 0x1200000 outside its memory at rip "),
             console("; bystander still running; 4100 frames returned"),
@@ -551,6 +552,8 @@ pub const SCENARIOS: &[Scenario] = &[
             console_line("[intruder] intruder: triple fault (IDT limit 0, then int3)"),
             console("guest_isolation: intruder 3: triple fault at rip "),
             console("; bystander still running; 4100 frames returned"),
+            console(", where another guest's memory is on the host"),
+            console("[intruder] intruder: write to 0x"),
             console("guest_isolation: intruder 4: write of guest-physical "),
             console("; bystander still running; 4100 frames returned"),
             console("[bystander] worker bystander: "),

@@ -11,7 +11,7 @@
 
 /// ABI version returned by `hypercall::VERSION` (major << 16 | minor). A major change breaks
 /// compatibility; a minor one only adds functions.
-pub const ABI_VERSION: u64 = 1 << 16;
+pub const ABI_VERSION: u64 = 1 << 16 | 1;
 
 /// Hypercall function numbers (in `RAX`).
 pub mod hypercall {
@@ -29,6 +29,89 @@ pub mod hypercall {
     pub const UPTIME_US: u64 = 4;
     /// `() -> value`: reads the word the hypervisor last posted to this vCPU (0 if none).
     pub const MAILBOX: u64 = 5;
+    /// `(device, index) -> count | flags << 32`: the interrupts of `device` (its requester ID
+    /// on the guest's PCI bus) at `index` (`irq::INDEX_*`). Since 1.1.
+    pub const IRQ_INFO: u64 = 6;
+    /// `(device, index, start, count, flags, data_gpa) -> 0`: VFIO `SET_IRQS`: `flags` holds
+    /// one `irq::DATA_*` and one `irq::ACTION_*`; `data_gpa` points at `count` bytes (bool
+    /// data) or `count` u64 bindings (event data). Since 1.1.
+    pub const SET_IRQS: u64 = 7;
+    /// `(device, index, vector, out_gpa) -> 0`: writes that vector's `irq::IrqStats` to guest
+    /// memory at `out_gpa`. Since 1.1.
+    pub const IRQ_STATS: u64 = 8;
+}
+
+/// The interrupt-control ABI (VFIO's `VFIO_DEVICE_GET_IRQ_INFO` / `SET_IRQS`, as hypercalls).
+/// See `docs/hypercalls.md`.
+pub mod irq {
+    /// Legacy INTx.
+    pub const INDEX_INTX: u64 = 0;
+    /// MSI.
+    pub const INDEX_MSI: u64 = 1;
+    /// MSI-X.
+    pub const INDEX_MSIX: u64 = 2;
+    /// Error notification (software-signalled).
+    pub const INDEX_ERR: u64 = 3;
+    /// Device request (software-signalled).
+    pub const INDEX_REQ: u64 = 4;
+    /// Number of indices.
+    pub const INDICES: u64 = 5;
+
+    /// Info flag: vectors can be bound to events.
+    pub const FLAG_EVENTFD: u64 = 1 << 0;
+    /// Info flag: vectors can be masked.
+    pub const FLAG_MASKABLE: u64 = 1 << 1;
+    /// Info flag: the vector masks itself when it fires (level-triggered INTx).
+    pub const FLAG_AUTOMASKED: u64 = 1 << 2;
+    /// Info flag: the vector count cannot change while the index is enabled (MSI; never
+    /// MSI-X).
+    pub const FLAG_NORESIZE: u64 = 1 << 3;
+
+    /// Set flag: no data.
+    pub const DATA_NONE: u64 = 1 << 0;
+    /// Set flag: `count` bytes, each 0 or 1.
+    pub const DATA_BOOL: u64 = 1 << 1;
+    /// Set flag: `count` u64 event bindings (`binding`, or `UNBIND`).
+    pub const DATA_EVENT: u64 = 1 << 2;
+    /// Set flag: mask the vectors.
+    pub const ACTION_MASK: u64 = 1 << 3;
+    /// Set flag: unmask the vectors.
+    pub const ACTION_UNMASK: u64 = 1 << 4;
+    /// Set flag: trigger (with bool or no data: signal the vectors in software; with event data:
+    /// bind them; with count 0 and no data: disable the index).
+    pub const ACTION_TRIGGER: u64 = 1 << 5;
+    /// Every data flag.
+    pub const DATA_MASK: u64 = DATA_NONE | DATA_BOOL | DATA_EVENT;
+    /// Every action flag.
+    pub const ACTION_MASK_ALL: u64 = ACTION_MASK | ACTION_UNMASK | ACTION_TRIGGER;
+
+    /// An event binding: deliver to guest vector `vector` of vCPU `vcpu` of the caller's
+    /// partition.
+    pub const fn binding(vcpu: u8, vector: u8) -> u64 {
+        (vcpu as u64) << 8 | vector as u64
+    }
+    /// Event data entry that unbinds the vector.
+    pub const UNBIND: u64 = u64::MAX;
+    /// Most vectors one `SET_IRQS` call names.
+    pub const MAX_COUNT: u64 = 2048;
+
+    /// Counters of one vector (`IRQ_STATS`), all since the vector was first used.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IrqStats {
+        /// Signals that reached the vector (device interrupts or software triggers).
+        pub raised: u64,
+        /// Signals queued for the guest (newly pending in the vCPU's IRR).
+        pub delivered: u64,
+        /// Signals merged into one already pending in the vCPU's IRR or while masked.
+        pub coalesced: u64,
+        /// Signals that arrived while the vector was masked.
+        pub pending_while_masked: u64,
+        /// Signals with no binding (vector disabled).
+        pub spurious: u64,
+        /// 1 when a signal is pending behind the mask now (the PBA bit).
+        pub pending: u64,
+    }
 }
 
 /// Most bytes `CONSOLE_WRITE` takes in one call.
@@ -36,6 +119,16 @@ pub const CONSOLE_MAX: u64 = 256;
 
 /// Error codes (negated in `RAX`), after the POSIX numbers.
 pub mod error {
+    /// No such entry (removing something never added).
+    pub const ENOENT: i64 = -2;
+    /// Busy (e.g. resizing MSI while it is enabled).
+    pub const EBUSY: i64 = -16;
+    /// Already exists.
+    pub const EEXIST: i64 = -17;
+    /// No such device.
+    pub const ENODEV: i64 = -19;
+    /// A limit was reached.
+    pub const ENOSPC: i64 = -28;
     /// A guest address outside the guest's memory.
     pub const EFAULT: i64 = -14;
     /// An argument out of range.
@@ -85,8 +178,12 @@ pub struct BootInfo {
     pub argument: u64,
     /// Partition name, NUL-padded.
     pub name: [u8; 16],
-    /// Reserved, 0.
-    pub reserved1: [u64; 2],
+    /// Guest-physical base of the guest's PCI configuration window (ECAM, segment 0, bus 0:
+    /// 1 MiB); 0 when the partition has no PCI bus. Since 1.1.
+    pub ecam_base: u64,
+    /// Guest-physical base of the window where the guest places device BARs
+    /// (`layout::PCI_WINDOW_BYTES` long). Since 1.1.
+    pub pci_window: u64,
 }
 
 /// `BootInfo::magic`.
@@ -121,6 +218,41 @@ pub mod layout {
     pub const LOCAL_APIC: u64 = 0xfee0_0000;
     /// Stack bytes per vCPU.
     pub const STACK_BYTES: u64 = 64 * 1024;
+    /// The guest's ECAM window (bus 0 only).
+    pub const ECAM: u64 = 0xe000_0000;
+    /// Bytes of the ECAM window.
+    pub const ECAM_BYTES: u64 = 1 << 20;
+    /// The window guests place memory BARs in.
+    pub const PCI_WINDOW: u64 = 0xc000_0000;
+    /// Bytes of the BAR window.
+    pub const PCI_WINDOW_BYTES: u64 = 0x2000_0000;
 }
 
 const _: () = assert!(layout::BOOT_INFO + (layout::MAX_VCPUS as u64) * 128 <= 0x9000);
+
+/// The emulated PCI devices a partition can be given (`vdevs=`). See `docs/devices.md`.
+pub mod vdev {
+    /// Vendor ID of Conduit's emulated devices (not a PCI-SIG assignment; only ever seen by
+    /// Conduit guests).
+    pub const VENDOR: u16 = 0xc0de;
+    /// Device ID of `notify`: a software-signalled MSI-X function.
+    pub const NOTIFY_DEVICE: u16 = 0x0001;
+    /// `notify`'s BAR 0: 4 KiB of emulated registers.
+    pub const NOTIFY_BAR_BYTES: u64 = 0x1000;
+    /// `notify` register (read): `0xc0de_0001`.
+    pub const NOTIFY_ID: u64 = 0x00;
+    /// `notify` register (write): writing `i` signals MSI-X entry `i` in software.
+    pub const NOTIFY_SIGNAL: u64 = 0x04;
+    /// `notify` register (read): signals and notifications requested so far.
+    pub const NOTIFY_COUNT: u64 = 0x08;
+    /// `notify` register (read/write): scratch.
+    pub const NOTIFY_SCRATCH: u64 = 0x0c;
+    /// `notify`'s MSI-X table offset in BAR 0.
+    pub const NOTIFY_TABLE: u64 = 0x800;
+    /// `notify`'s PBA offset in BAR 0.
+    pub const NOTIFY_PBA: u64 = 0xc00;
+    /// `notify`'s MSI-X entries.
+    pub const NOTIFY_VECTORS: u16 = 4;
+    /// `notify`'s MSI-X capability offset in configuration space.
+    pub const NOTIFY_MSIX_CAP: u8 = 0x40;
+}

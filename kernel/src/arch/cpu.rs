@@ -40,3 +40,16 @@ pub fn features() -> Features {
         max_phys_addr: 1u64 << phys_bits.clamp(32, 52),
     }
 }
+
+/// Enables FXSAVE/FXRSTOR and SSE exceptions on this CPU (CR4.OSFXSR, CR4.OSXMMEXCPT), read-
+/// modify-write. The hypervisor itself never executes SSE (soft-float target); this only lets it
+/// load a clean x87/SSE state for a new guest (`svm::reset_guest_visible_state`).
+pub fn enable_fxsr() {
+    use x86_64::registers::control::{Cr4, Cr4Flags};
+    // SAFETY:
+    // 1. Every x86-64 CPU has FXSR and SSE (CPUID 1 EDX bits 24, 25 are architectural in
+    //    long mode), so both bits are valid to set.
+    // 2. Only these two bits change; every other CR4 bit, reserved ones included, is written
+    //    back as read (`Cr4::update`).
+    unsafe { Cr4::update(|f| f.insert(Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE)) };
+}

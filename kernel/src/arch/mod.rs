@@ -25,6 +25,7 @@ pub fn init_bsp_cpu() -> &'static percpu::PerCpu {
     let stacks = me.stacks.call_once(|| stacks::BSP_STACKS.layout());
     me.tables.load(stacks);
     idt::load();
+    cpu::enable_fxsr();
     me.set_state(percpu::CpuState::Online);
     me
 }

@@ -290,6 +290,7 @@ extern "C" fn ap_main(index: u64) -> ! {
     let Some(stacks) = me.stacks.get() else { crate::exit::halt_forever() };
     me.tables.load(stacks);
     super::idt::load();
+    super::cpu::enable_fxsr();
     match super::apic::enable_this_cpu() {
         Ok(id) => me.apic_id.store(id, Ordering::Relaxed),
         Err(e) => {

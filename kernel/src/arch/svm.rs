@@ -134,6 +134,47 @@ pub fn host_vmcb(cpu: usize) -> Option<u64> {
     HOST_VMCB.get(cpu).map(|s| s.load(Ordering::Acquire)).filter(|&p| p != 0)
 }
 
+/// A clean FXSAVE image: x87 control word 0x37f, MXCSR 0x1f80, every register zero.
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+
+static CLEAN_FX: FxArea = {
+    let mut a = [0u8; 512];
+    a[0] = 0x7f;
+    a[1] = 0x03;
+    a[24] = 0x80;
+    a[25] = 0x1f;
+    FxArea(a)
+};
+
+/// Clears the state a guest sees on this CPU that VMRUN does not switch: the x87/SSE registers
+/// and DR0–DR3. Called before a new vCPU first runs here, so nothing of a previous guest (or
+/// of the hypervisor) leaks into it. XCR0 never changes (guests cannot run XSETBV), so x87/SSE
+/// is all the extended state a guest can reach.
+pub fn reset_guest_visible_state() {
+    // SAFETY:
+    // 1. CR4.OSFXSR is set on every CPU (`cpu::enable_fxsr` at bring-up), so FXRSTOR loads the
+    //    XMM registers and MXCSR; `CLEAN_FX` is a valid, 16-byte aligned 512-byte image whose
+    //    MXCSR has no reserved bit set.
+    // 2. The hypervisor never holds x87/SSE state of its own (soft-float target), so nothing is
+    //    overwritten that it uses.
+    // 3. Writing 0 to DR0–DR3 only clears breakpoint addresses; the host's DR7 (restored by
+    //    every #VMEXIT) enables none, and each guest's DR7 is in its VMCB.
+    unsafe {
+        core::arch::asm!(
+            "fxrstor64 [{fx}]",
+            "xor {z:e}, {z:e}",
+            "mov dr0, {z}",
+            "mov dr1, {z}",
+            "mov dr2, {z}",
+            "mov dr3, {z}",
+            fx = in(reg) &CLEAN_FX.0,
+            z = out(reg) _,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
 /// Runs the guest of `vmcb_pa` until its next exit.
 ///
 /// # Safety

@@ -111,6 +111,7 @@ struct Partition {
     npt: PageTable<NptTables>,
     vmcbs: heapless::Vec<u64, MAX_VCPUS>,
     asid: u32,
+    free_start: u64,
 }
 
 static PARTITIONS: IrqMutex<[Option<Partition>; MAX_PARTITIONS]> = IrqMutex::new([const { None }; MAX_PARTITIONS]);
@@ -130,6 +131,8 @@ pub struct PartitionInfo {
     pub chunks: usize,
     /// Host-physical address of its first chunk.
     pub first_chunk: u64,
+    /// `BootInfo::free_start` (the first byte after its image).
+    pub free_start: u64,
 }
 
 /// The partition at `index`.
@@ -143,7 +146,14 @@ pub fn partition_info(index: usize) -> Option<PartitionInfo> {
         memory_bytes: p.spec.memory_bytes,
         chunks: p.memory.chunks().len(),
         first_chunk: p.memory.chunks().first().map_or(0, |c| c.hpa),
+        free_start: p.free_start,
     })
+}
+
+/// The host-physical address behind guest-physical `gpa` of partition `index`.
+pub fn host_address(index: usize, gpa: u64) -> Option<u64> {
+    let parts = PARTITIONS.lock();
+    parts.get(index)?.as_ref()?.memory.translate(gpa).map(|(hpa, _)| hpa)
 }
 
 /// The guest bundle passed as the first boot module.
@@ -258,8 +268,12 @@ pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
     let plan = elf::plan(&image, spec.memory_bytes, vcpus).map_err(BuildError::Elf)?;
     let (iopm, msrpm) = permission_maps()?;
 
-    let mut parts = PARTITIONS.lock();
-    let index = parts.iter().position(Option::is_none).ok_or(BuildError::TooManyPartitions)?;
+    // Creates are serialized (so the free index found stays free); the registry itself is
+    // locked (interrupts off) only to find the index and to install the partition, not while
+    // guest RAM is zeroed and the image loaded.
+    static CREATE: spin::Mutex<()> = spin::Mutex::new(());
+    let _serial = CREATE.lock();
+    let index = PARTITIONS.lock().iter().position(Option::is_none).ok_or(BuildError::TooManyPartitions)?;
     // ASID = index + 1 must exist (ASID 0 is the host's).
     let asids = svm::probe().map_err(|e| BuildError::Svm(spec.cpus.first().copied().unwrap_or(0), e))?.asids;
     if index as u32 + 1 >= asids {
@@ -333,7 +347,14 @@ pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
                 vcpus,
                 npt.memory().live
             );
-            parts[index] = Some(Partition { spec: spec.clone(), memory, npt, vmcbs, asid: index as u32 + 1 });
+            PARTITIONS.lock()[index] = Some(Partition {
+                spec: spec.clone(),
+                memory,
+                npt,
+                vmcbs,
+                asid: index as u32 + 1,
+                free_start: plan.image_end,
+            });
             Ok(index)
         }
         Err(e) => {
@@ -371,9 +392,8 @@ fn boot_info_bytes(info: &BootInfo) -> heapless::Vec<u8, 128> {
         put(&f.to_le_bytes());
     }
     put(&info.name);
-    for r in info.reserved1 {
-        put(&r.to_le_bytes());
-    }
+    put(&info.ecam_base.to_le_bytes());
+    put(&info.pci_window.to_le_bytes());
     debug_assert_eq!(v.len(), core::mem::size_of::<BootInfo>());
     v
 }
@@ -411,7 +431,15 @@ pub fn start(index: usize) -> Result<(), BuildError> {
         });
         s.set_state(VcpuState::Starting);
         if usize::from(cpu) != here {
-            crate::arch::smp::run_on(usize::from(cpu), &run::VCPU_WORK).map_err(|_| BuildError::Launch(cpu))?;
+            if let Err(e) = crate::arch::smp::run_on(usize::from(cpu), &run::VCPU_WORK) {
+                defmt::error!("vmm: cpu {=u8}: launching a vCPU: {}", cpu, e);
+                // Take the launch back unless the CPU already took it (then it runs).
+                if s.launch.lock().take().is_some() {
+                    s.owner.store(0, Ordering::Release);
+                    s.set_state(VcpuState::Idle);
+                    return Err(BuildError::Launch(cpu));
+                }
+            }
         }
     }
     Ok(())

@@ -192,7 +192,7 @@ pub fn stop_partition_of(cpu: usize, partition: usize) {
     }
 }
 
-pub use build::{bundle, create, partition_info, start, teardown};
+pub use build::{bundle, create, host_address, partition_info, start, teardown};
 
 /// Sets up what every partition shares (the I/O and MSR permission maps), at bring-up.
 pub fn init() -> Result<(), BuildError> {

@@ -141,6 +141,8 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
     let bsp = launch.vcpu == 0;
     let mut vcpu = Vcpu::new(launch.vcpu as u8, bsp, conduit_vm::guest::boot_info_gpa(launch.vcpu));
     let mut env = KernelEnv { launch, slot };
+    // Nothing of the previous guest on this CPU (x87/SSE, DR0-3) reaches this one.
+    svm::reset_guest_visible_state();
     slot.set_state(VcpuState::Running);
     defmt::info!(
         "vmm: cpu {=usize} runs partition {=usize} \"{=str}\" vcpu {=u32} (asid {=u32})",
@@ -193,6 +195,12 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
 fn report(cpu: usize, launch: &Launch, (stop, stats): (Stop, conduit_vm::vcpu::Stats)) {
     let Some(slot) = slot(cpu) else { return };
     let at_us = time::uptime_us();
+    // A vCPU stopped by a violation takes its partition down with it; the others keep running.
+    // This happens before this vCPU counts as stopped, so the partition cannot have been torn
+    // down (and its index reused) yet.
+    if stop.is_violation() {
+        super::stop_partition_of(cpu, launch.partition);
+    }
     *slot.outcome.lock() = Some(Outcome { stop, stats, at_us });
     slot.set_state(VcpuState::Stopped);
     println!(
@@ -213,8 +221,4 @@ fn report(cpu: usize, launch: &Launch, (stop, stats): (Stop, conduit_vm::vcpu::S
         stop,
         stats
     );
-    // A vCPU stopped by a violation takes its partition down with it; the others keep running.
-    if stop.is_violation() {
-        super::stop_partition_of(cpu, launch.partition);
-    }
 }

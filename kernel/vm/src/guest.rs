@@ -95,6 +95,7 @@ pub fn init_vmcb(vmcb: &mut Vmcb, host: HostTables, memory_bytes: u64, vcpu: u32
         | Misc1::NMI
         | Misc1::CPUID
         | Misc1::HLT
+        | Misc1::INVD
         | Misc1::INVLPGA
         | Misc1::IOIO
         | Misc1::MSR

@@ -164,6 +164,32 @@ pub struct Spec {
     pub console: Console,
     /// `BootInfo::argument`.
     pub argument: u64,
+    /// Emulated PCI functions, placed on the guest's bus after `devices`.
+    pub vdevs: heapless::Vec<VirtualDevice, MAX_VDEVS>,
+}
+
+/// Most emulated devices of one partition.
+pub const MAX_VDEVS: usize = 4;
+
+/// An emulated PCI function the hypervisor offers (`docs/devices.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum VirtualDevice {
+    /// `notify`: software-signalled MSI-X (`conduit_abi::vdev`).
+    Notify,
+}
+
+impl VirtualDevice {
+    /// The keyword of the command-line syntax.
+    pub const fn keyword(self) -> &'static str {
+        match self {
+            Self::Notify => "notify",
+        }
+    }
+
+    fn from_keyword(word: &str) -> Option<Self> {
+        [Self::Notify].into_iter().find(|d| d.keyword() == word)
+    }
 }
 
 #[cfg(feature = "defmt")]
@@ -171,13 +197,14 @@ impl defmt::Format for Spec {
     fn format(&self, f: defmt::Formatter) {
         defmt::write!(
             f,
-            "Spec {{ name: {=str}, guest: {=str}, memory_bytes: {=u64:#x}, cpus: {=[u8]}, devices: {=[?]}, doorbells: {=[?]}, console: {}, argument: {=u64:#x} }}",
+            "Spec {{ name: {=str}, guest: {=str}, memory_bytes: {=u64:#x}, cpus: {=[u8]}, devices: {=[?]}, doorbells: {=[?]}, vdevs: {=[?]}, console: {}, argument: {=u64:#x} }}",
             self.name.as_str(),
             self.guest.as_str(),
             self.memory_bytes,
             self.cpus.as_slice(),
             self.devices.as_slice(),
             self.doorbells.as_slice(),
+            self.vdevs.as_slice(),
             self.console,
             self.argument
         );
@@ -199,6 +226,9 @@ impl fmt::Display for Spec {
             if let Some(value) = d.matches {
                 write!(f, "/{value:#x}")?;
             }
+        }
+        for (i, vdev) in self.vdevs.iter().enumerate() {
+            write!(f, "{}{}", if i == 0 { ",vdevs=" } else { "+" }, vdev.keyword())?;
         }
         write!(f, ",console={}", self.console.keyword())?;
         if self.argument != 0 {
@@ -300,6 +330,8 @@ pub enum Field {
     Console,
     /// `arg=`.
     Arg,
+    /// `vdevs=`.
+    Vdevs,
 }
 
 impl Field {
@@ -315,11 +347,13 @@ impl Field {
             Self::Doorbell => "doorbell",
             Self::Console => "console",
             Self::Arg => "arg",
+            Self::Vdevs => "vdevs",
         }
     }
 
     fn from_key(key: &str) -> Option<Self> {
-        let keys = [Self::Guest, Self::Memory, Self::Cpus, Self::Devices, Self::Doorbell, Self::Console, Self::Arg];
+        let keys =
+            [Self::Guest, Self::Memory, Self::Cpus, Self::Devices, Self::Doorbell, Self::Console, Self::Arg, Self::Vdevs];
         keys.into_iter().find(|k| k.keyword() == key)
     }
 
@@ -362,6 +396,8 @@ pub enum Reason {
     BadDoorbell,
     /// Not `serial`, `log` or `none`.
     BadConsole,
+    /// A `vdevs=` entry is not an emulated device's name.
+    BadVdev,
     /// Not a guest-bundle entry name.
     BadImageName,
 }
@@ -404,6 +440,7 @@ impl fmt::Display for ParseError {
             Reason::NotABdf => write!(f, "{v} is not a PCI address (bb:dd.f or ssss:bb:dd.f)"),
             Reason::BadDoorbell => write!(f, "{v} is not BDF/BAR/OFFSET/WIDTH[/MATCH]"),
             Reason::BadConsole => write!(f, "{v} is not serial, log or none"),
+            Reason::BadVdev => write!(f, "{v} is not an emulated device (notify)"),
             Reason::BadImageName => write!(f, "{v} is not an image name (1 to {} of a-z 0-9 _ -)", bundle::NAME_MAX),
         }
     }
@@ -449,6 +486,7 @@ pub fn parse(text: &str) -> Result<Spec, ParseError> {
         doorbells: heapless::Vec::new(),
         console: Console::default(),
         argument: 0,
+        vdevs: heapless::Vec::new(),
     };
     let mut seen = 0u16;
     for item in items.split(',') {
@@ -489,6 +527,12 @@ pub fn parse(text: &str) -> Result<Spec, ParseError> {
                 spec.console = Console::from_keyword(value).ok_or_else(|| err(Reason::BadConsole, value))?
             }
             Field::Arg => spec.argument = number(value).map_err(|r| err(r, value))?,
+            Field::Vdevs => {
+                for vdev in value.split('+') {
+                    let kind = VirtualDevice::from_keyword(vdev).ok_or_else(|| err(Reason::BadVdev, vdev))?;
+                    spec.vdevs.push(kind).map_err(|_| err(Reason::TooMany, ""))?;
+                }
+            }
             Field::Token | Field::Name => return Err(cx.error(Field::Token, Reason::UnknownKey, key)),
         }
     }
@@ -1066,6 +1110,8 @@ mod tests {
             ),
             ("hello:console=vga".into(), r#"partition "hello": console: "vga" is not serial, log or none"#),
             ("hello:console=Serial".into(), r#"partition "hello": console: "Serial" is not serial, log or none"#),
+            ("hello:vdevs=notify+gpu".into(), r#"partition "hello": vdevs: "gpu" is not an emulated device (notify)"#),
+            ("hello:vdevs=notify,vdevs=notify".into(), r#"partition "hello": vdevs: given twice"#),
             ("hello:arg=".into(), r#"partition "hello": arg: "" is not a number"#),
             ("hello:arg=1.5".into(), r#"partition "hello": arg: "1.5" is not a number"#),
             ("hello:arg=0x".into(), r#"partition "hello": arg: "0x" is not a number"#),
@@ -1302,8 +1348,9 @@ mod tests {
             proptest::collection::vec(doorbell, 0..=MAX_DOORBELLS),
             console,
             any::<u64>(),
+            proptest::collection::vec(Just(VirtualDevice::Notify), 0..=MAX_VDEVS),
         )
-            .prop_map(|(name, guest, memory_bytes, cpus, devices, doorbells, console, argument)| Spec {
+            .prop_map(|(name, guest, memory_bytes, cpus, devices, doorbells, console, argument, vdevs)| Spec {
                 name: Name::try_from(name.as_str()).unwrap(),
                 guest: ImageName::try_from(guest.as_str()).unwrap(),
                 memory_bytes,
@@ -1312,6 +1359,7 @@ mod tests {
                 doorbells: heapless::Vec::from_slice(&doorbells).unwrap(),
                 console,
                 argument,
+                vdevs: heapless::Vec::from_slice(&vdevs).unwrap(),
             })
     }
 

@@ -112,7 +112,7 @@ pub struct VLapic {
     ldr: u32,
     dfr: u32,
     lvt_timer: u32,
-    lvt: [u32; 5],
+    lvt: [u32; 6],
     divide: u32,
     initial: u32,
     /// TSC at which the current count was `initial`.
@@ -135,7 +135,7 @@ impl VLapic {
             ldr: 0,
             dfr: u32::MAX,
             lvt_timer: LVT_MASKED,
-            lvt: [LVT_MASKED; 5],
+            lvt: [LVT_MASKED; 6],
             divide: 0,
             initial: 0,
             start_tsc: 0,
@@ -285,7 +285,7 @@ impl VLapic {
             reg::LVT_PERF => self.lvt[2],
             reg::LVT_LINT0 => self.lvt[3],
             reg::LVT_LINT1 => self.lvt[4],
-            reg::LVT_ERROR => self.lvt[3].max(LVT_MASKED) & (LVT_MASKED | 0xff),
+            reg::LVT_ERROR => self.lvt[5],
             reg::TIMER_INITIAL => self.initial,
             reg::TIMER_CURRENT => self.current_count(now_tsc),
             reg::TIMER_DIVIDE => self.divide,
@@ -342,8 +342,9 @@ impl VLapic {
                     reg::LVT_CMCI => 0,
                     reg::LVT_THERMAL => 1,
                     reg::LVT_PERF => 2,
-                    reg::LVT_LINT0 | reg::LVT_ERROR => 3,
-                    _ => 4,
+                    reg::LVT_LINT0 => 3,
+                    reg::LVT_LINT1 => 4,
+                    _ => 5,
                 };
                 self.lvt[i] = lvt_mask(value, self.svr);
                 WriteEffect::None
@@ -477,6 +478,18 @@ mod tests {
         assert_eq!(l.read(reg::ESR, &p, 0), ESR_SEND_ILLEGAL);
         assert_eq!(l.write(reg::VERSION, 0, &p, 0), WriteEffect::Ignored);
         assert_eq!(l.write(reg::PPR, 0xff, &p, 0), WriteEffect::Ignored);
+    }
+
+    #[test]
+    fn lvts_are_separate_registers() {
+        let p = PendingVectors::new();
+        let mut l = VLapic::new(0);
+        l.write(reg::LVT_LINT0, 0x700, &p, 0);
+        l.write(reg::LVT_ERROR, 0x1_00fe, &p, 0);
+        l.write(reg::LVT_LINT1, 0x400, &p, 0);
+        assert_eq!(l.read(reg::LVT_LINT0, &p, 0), 0x700);
+        assert_eq!(l.read(reg::LVT_ERROR, &p, 0), 0x1_00fe);
+        assert_eq!(l.read(reg::LVT_LINT1, &p, 0), 0x400);
     }
 
     #[test]

@@ -358,6 +358,8 @@ bitflags! {
         const VINTR = 1 << 4;
         /// CPUID.
         const CPUID = 1 << 18;
+        /// INVD.
+        const INVD = 1 << 22;
         /// HLT.
         const HLT = 1 << 24;
         /// INVLPGA.
@@ -505,6 +507,8 @@ pub mod exit {
     pub const VINTR: u64 = 0x64;
     /// CPUID.
     pub const CPUID: u64 = 0x72;
+    /// INVD.
+    pub const INVD: u64 = 0x76;
     /// HLT.
     pub const HLT: u64 = 0x78;
     /// INVLPGA.

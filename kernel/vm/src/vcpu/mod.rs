@@ -406,6 +406,8 @@ const IOIO_STRING: u64 = 1 << 2;
 const IOIO_REP: u64 = 1 << 3;
 const NPF_FETCH: u64 = 1 << 4;
 const NPF_WRITE: u64 = 1 << 1;
+/// The nested fault happened while the CPU walked the guest's page tables.
+const NPF_PAGE_TABLE_WALK: u64 = 1 << 33;
 const RFLAGS_IF: u64 = 1 << 9;
 const INTERRUPT_SHADOW: u64 = 1;
 const VECTOR_UD: u8 = 6;
@@ -460,16 +462,11 @@ impl Vcpu {
             c.int_ctl |= int_ctl::V_IRQ | int_ctl::V_IGN_TPR | 0xf << int_ctl::V_INTR_PRIO_SHIFT;
             c.intercept_misc1 |= Misc1::VINTR.bits();
         };
-        if c.event_inj & vmcb::EVENT_VALID != 0 {
-            // An event is already queued (a re-injection or an exception): deliver it first
-            // and come back when the guest can take the next one.
-            if self.lapic.deliverable(pending).is_some() {
-                window(c);
-            }
-            return;
-        }
+        let queued = c.event_inj & vmcb::EVENT_VALID != 0;
         if let Some(v) = self.lapic.deliverable(pending) {
-            let open = vmcb.save.rflags & RFLAGS_IF != 0 && c.int_state & INTERRUPT_SHADOW == 0;
+            // An event already queued (a re-injection or an exception) goes first; the vector
+            // follows as soon as the guest can take it.
+            let open = !queued && vmcb.save.rflags & RFLAGS_IF != 0 && c.int_state & INTERRUPT_SHADOW == 0;
             if open {
                 if self.lapic.accept(v, pending) {
                     c.event_inj = Event { vector: v, kind: EventKind::Interrupt, error_code: None }.encode();
@@ -530,6 +527,13 @@ impl Vcpu {
             exit::NPF => self.npf(vmcb, info1, info2, pending, env),
             exit::WRITE_CR8 => self.write_cr8(vmcb, env),
             exit::SHUTDOWN => Action::Stop(Stop::TripleFault { rip: vmcb.save.rip }),
+            exit::INVD => {
+                // INVD would drop dirty cache lines of the host and other guests: the guest's
+                // is a no-op (its own data is coherent anyway).
+                self.stats.undefined += 1;
+                self.skip(vmcb, 2);
+                Action::Resume
+            }
             c if c == exit::EXCEPTION_BASE + u64::from(VECTOR_AC) => {
                 self.stats.exceptions += 1;
                 self.inject(vmcb, VECTOR_AC, Some(info1 as u32));
@@ -739,7 +743,12 @@ impl Vcpu {
         let Some((region, offset)) = self.regions.find(gpa) else {
             return Action::Stop(Stop::MemoryViolation { gpa, access, rip });
         };
-        if access == Access::Fetch {
+        // Only a data access by the instruction at RIP is emulated: not a fetch, not the
+        // guest's own page-table walk, not an access made while delivering an event (IDT,
+        // stack) — those would make the hypervisor emulate the wrong instruction.
+        let walk = info1 & NPF_PAGE_TABLE_WALK != 0;
+        let delivering = vmcb.control.exit_int_info & vmcb::EVENT_VALID != 0;
+        if access == Access::Fetch || walk || delivering {
             return Action::Stop(Stop::MemoryViolation { gpa, access, rip });
         }
         self.stats.mmio += 1;
@@ -824,7 +833,9 @@ fn decode_mov_to_cr8(b: &[u8]) -> Option<(u64, Gpr)> {
     let [0x0f, 0x22, modrm, ..] = rest else { return None };
     let reg = ((modrm >> 3) & 7) | if rex & 4 != 0 { 8 } else { 0 };
     let want = if lock { 0 } else { 8 };
-    if modrm >> 6 != 3 || reg != want {
+    // MOV to a control register always takes a register operand: the CPU ignores the mod
+    // field (SDM: "the two bits in the mod field are ignored").
+    if reg != want {
         return None;
     }
     let rm = (modrm & 7) | if rex & 1 != 0 { 8 } else { 0 };

@@ -369,7 +369,7 @@ fn decode_cr8_forms() {
     assert_eq!(decode_mov_to_cr8(&[0x45, 0x0f, 0x22, 0xc7]), Some((4, Gpr::R15)));
     assert_eq!(decode_mov_to_cr8(&[0xf0, 0x0f, 0x22, 0xc1]), Some((4, Gpr::Rcx)));
     assert_eq!(decode_mov_to_cr8(&[0x0f, 0x22, 0xc0]), None, "that is CR0");
-    assert_eq!(decode_mov_to_cr8(&[0x44, 0x0f, 0x22, 0x00]), None, "memory form does not exist");
+    assert_eq!(decode_mov_to_cr8(&[0x44, 0x0f, 0x22, 0x00]), Some((4, Gpr::Rax)), "mod is ignored");
     assert_eq!(decode_mov_to_cr8(&[0x44, 0x0f]), None);
 }
 
@@ -468,4 +468,45 @@ mod never_panics {
             let _ = v.wake_ready(&p, regs[7]);
         }
     }
+}
+
+#[test]
+fn queued_event_keeps_tpr_blocked_vector_reachable() {
+    let (mut v, mut vmcb, p, mut env) = setup();
+    vmcb.save.rflags |= RFLAGS_IF;
+    v.lapic.set_tpr(0x60);
+    p.raise(0x51);
+    v.prepare_entry(&mut vmcb, &p, 0);
+    assert_ne!(vmcb.control.intercept_cr & guest::INTERCEPT_CR8_WRITE, 0);
+    // A refused RDMSR queues #GP; the vector still waits only on the TPR.
+    v.gprs.rcx = 0xdead_beef;
+    exit_with(&mut vmcb, exit::MSR, 0, 0);
+    assert_eq!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Resume);
+    assert!(injected(&vmcb).is_some(), "#GP queued");
+    v.prepare_entry(&mut vmcb, &p, 0);
+    assert_ne!(vmcb.control.intercept_cr & guest::INTERCEPT_CR8_WRITE, 0, "CR8 writes still exit");
+    // And a deliverable vector behind a queued event asks for a window.
+    v.lapic.set_tpr(0);
+    v.prepare_entry(&mut vmcb, &p, 0);
+    assert_eq!(injected(&vmcb).map(|e| e.vector), Some(13), "#GP stays first");
+    assert_ne!(vmcb.control.int_ctl & int_ctl::V_IRQ, 0, "a window for 0x51");
+}
+
+#[test]
+fn invd_is_a_no_op_and_delivery_faults_are_not_emulated() {
+    let (mut v, mut vmcb, p, mut env) = setup();
+    exit_with(&mut vmcb, exit::INVD, 0, 0);
+    assert_eq!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Resume);
+    assert_eq!(vmcb.save.rip, CODE + 2);
+    assert_eq!(injected(&vmcb), None);
+    // An NPF on the APIC page while delivering an event (an IDT placed there): not emulated.
+    vmcb.save.rip = CODE;
+    place(&mut env, &[0x8b, 0x0b]);
+    exit_with(&mut vmcb, exit::NPF, 1 << 32, layout::LOCAL_APIC + 0x80);
+    vmcb.control.exit_int_info = Event { vector: 0x40, kind: EventKind::Interrupt, error_code: None }.encode();
+    assert!(matches!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Stop(Stop::MemoryViolation { .. })));
+    // An NPF during the guest's own page-table walk: not emulated either.
+    vmcb.save.rip = CODE;
+    exit_with(&mut vmcb, exit::NPF, 1 << 33, layout::LOCAL_APIC + 0x80);
+    assert!(matches!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Stop(Stop::MemoryViolation { .. })));
 }
