@@ -39,6 +39,10 @@ pub mod hypercall {
     /// `(device, index, vector, out_gpa) -> 0`: writes that vector's `irq::IrqStats` to guest
     /// memory at `out_gpa`. Since 1.1.
     pub const IRQ_STATS: u64 = 8;
+    /// `(vector, enable) -> 0`: with `enable` = 1, `vector` is taken without an EOI: it never
+    /// enters the virtual ISR, and the guest's handler must not write EOI for it (one exit
+    /// less per interrupt); 0 restores normal EOI. `EINVAL` for vectors below 16. Since 1.1.
+    pub const AUTO_EOI: u64 = 9;
 }
 
 /// The interrupt-control ABI (VFIO's `VFIO_DEVICE_GET_IRQ_INFO` / `SET_IRQS`, as hypercalls).

@@ -184,14 +184,20 @@ pub fn reset_guest_visible_state() {
 ///    only the guest's own frames, VMRUN intercepted, IOPM/MSRPM valid.
 /// 3. `gprs` is valid for reads and writes.
 /// 4. Host interrupts are disabled (the caller's last look at pending work must not race).
-pub unsafe fn vmrun(vmcb_pa: u64, host_vmcb_pa: u64, gprs: *mut Gprs) {
-    // SAFETY: the obligations are the caller's (above); the stub restores every callee-saved
-    // register and the host's hidden state (VMLOAD of the host VMCB) before returning.
-    unsafe { vmrun_stub(vmcb_pa, host_vmcb_pa, gprs) }
+///
+/// Returns the TSC read right after the exit, before the host takes any interrupt (under
+/// `-icount` it counts instructions: the benchmarks measure from here to the next VMRUN).
+pub unsafe fn vmrun(vmcb_pa: u64, host_vmcb_pa: u64, gprs: *mut Gprs) -> u64 {
+    let mut exit_tsc = 0u64;
+    // SAFETY: the obligations are the caller's (above); `exit_tsc` is a live local. The stub
+    // restores every callee-saved register and the host's hidden state (VMLOAD of the host
+    // VMCB) before returning.
+    unsafe { vmrun_stub(vmcb_pa, host_vmcb_pa, gprs, &mut exit_tsc) };
+    exit_tsc
 }
 
 #[unsafe(naked)]
-unsafe extern "sysv64" fn vmrun_stub(_vmcb_pa: u64, _host_vmcb_pa: u64, _gprs: *mut Gprs) {
+unsafe extern "sysv64" fn vmrun_stub(_vmcb_pa: u64, _host_vmcb_pa: u64, _gprs: *mut Gprs, _exit_tsc: *mut u64) {
     core::arch::naked_asm!(
         "push rbp",
         "push rbx",
@@ -199,7 +205,8 @@ unsafe extern "sysv64" fn vmrun_stub(_vmcb_pa: u64, _host_vmcb_pa: u64, _gprs: *
         "push r13",
         "push r14",
         "push r15",
-        // [rsp + 8] = gprs, [rsp] = host VMCB.
+        // [rsp + 16] = exit TSC, [rsp + 8] = gprs, [rsp] = host VMCB.
+        "push rcx",
         "push rdx",
         "push rsi",
         "mov rax, rdi",
@@ -238,10 +245,16 @@ unsafe extern "sysv64" fn vmrun_stub(_vmcb_pa: u64, _host_vmcb_pa: u64, _gprs: *
         "mov [rax + {r13}], r13",
         "mov [rax + {r14}], r14",
         "mov [rax + {r15}], r15",
+        "rdtsc",
+        "shl rdx, 32",
+        "or rax, rdx",
+        "mov rdx, [rsp + 16]",
+        "mov [rdx], rax",
         "pop rax",
         "vmload rax",
         "stgi",
         "pop rdx",
+        "pop rcx",
         "pop r15",
         "pop r14",
         "pop r13",

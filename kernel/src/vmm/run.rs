@@ -167,7 +167,7 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         //    frames, VMRUN and every I/O port and MSR intercepted.
         // 3. `vcpu.gprs` is a live, exclusively borrowed `Gprs`.
         // 4. Interrupts are disabled (just above).
-        unsafe { svm::vmrun(launch.vmcb_pa, host, &mut vcpu.gprs) };
+        let _exit_tsc = unsafe { svm::vmrun(launch.vmcb_pa, host, &mut vcpu.gprs) };
         vmcb.control.tlb_control = tlb_control::NONE;
         match vcpu.handle_exit(vmcb, &slot.pending, &mut env) {
             Action::Resume => {}

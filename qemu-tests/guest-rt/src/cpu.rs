@@ -1,4 +1,4 @@
-//! CPU instructions a test guest uses: interrupt flag, halt, TSC, CPUID, MSRs, port output.
+//! CPU instructions a test guest uses: interrupt flag, halt, TSC, CPUID, MSRs, port I/O.
 
 use core::arch::asm;
 
@@ -85,6 +85,30 @@ pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY:
     // 1. `out` at CPL 0 is allowed; its effects on memory are excluded by the caller.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Reads a 32-bit value from I/O port `port` (one `in eax, dx`; never a string instruction).
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY:
+    // 1. `in` at CPL 0 is allowed and writes only EAX, declared as an output; a port the
+    //    hypervisor does not emulate reads all ones.
+    // 2. Not `nomem`: reading a port may have device side effects that memory accesses must be
+    //    ordered with.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags)) };
+    value
+}
+
+/// Writes a 32-bit `value` to I/O port `port` (one `out dx, eax`).
+///
+/// # Safety
+///
+/// As for [`outb`]: the write must have no effect on memory Rust code owns.
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY:
+    // 1. `out` at CPL 0 is allowed; its effects on memory are excluded by the caller.
+    // 2. Not `nomem`, so it stays ordered with the surrounding memory accesses.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) };
 }
 
 /// Spin-loop hint.

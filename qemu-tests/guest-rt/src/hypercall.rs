@@ -1,8 +1,12 @@
-//! Hypercalls (`VMMCALL`): `RAX` = function, arguments in `RDI`, `RSI`, result in `RAX`; every
-//! other register is preserved by the hypervisor.
+//! Hypercalls (`VMMCALL`): `RAX` = function, arguments in `RDI`, `RSI`, `RDX`, `R10`, `R8`,
+//! `R9`, result in `RAX`; every other register is preserved by the hypervisor. Typed wrappers
+//! for every function of ABI 1.1, including the interrupt-control calls (`IRQ_INFO`,
+//! `SET_IRQS`, `IRQ_STATS`), which name a device by its requester ID on the guest's PCI bus
+//! (`crate::pci::Bdf::rid`).
 
 use core::arch::asm;
 
+use conduit_abi::irq::IrqStats;
 use conduit_abi::{CONSOLE_MAX, hypercall as nr};
 
 /// Raw hypercall `nr(a0, a1)`: the value in `RAX` afterwards (≥ 0, or a negative error code
@@ -10,8 +14,9 @@ use conduit_abi::{CONSOLE_MAX, hypercall as nr};
 ///
 /// # Safety
 ///
-/// The function called must not write guest memory Rust code owns (no function of ABI 1.x
-/// writes guest memory at all; `EXIT` does not return, which is fine).
+/// The function called must not write guest memory Rust code owns (of ABI 1.1 only
+/// `IRQ_STATS` writes guest memory, at its third argument; `EXIT` does not return, which is
+/// fine).
 pub unsafe fn call(nr: u64, a0: u64, a1: u64) -> i64 {
     let result: i64;
     // SAFETY:
@@ -22,6 +27,38 @@ pub unsafe fn call(nr: u64, a0: u64, a1: u64) -> i64 {
     // 3. It uses no stack.
     unsafe {
         asm!("vmmcall", inlateout("rax") nr as i64 => result, in("rdi") a0, in("rsi") a1, options(nostack));
+    }
+    result
+}
+
+/// Raw hypercall `nr(a[0], …, a[5])` with all six argument registers: the value in `RAX`
+/// afterwards.
+///
+/// # Safety
+///
+/// As for [`call`]: whatever guest memory the function writes (`IRQ_STATS`: 48 bytes at
+/// `a[3]`) must be memory the caller lets it write; memory it reads (`SET_IRQS` data at
+/// `a[5]`) must stay valid for the call.
+pub unsafe fn call6(nr: u64, a: [u64; 6]) -> i64 {
+    let result: i64;
+    // SAFETY:
+    // 1. VMMCALL at CPL 0 traps to the hypervisor, which changes only RAX (an output); the six
+    //    argument registers are inputs it preserves.
+    // 2. Not `nomem`/`readonly`: the function may read or write guest memory, which the
+    //    caller's obligation covers.
+    // 3. It uses no stack.
+    unsafe {
+        asm!(
+            "vmmcall",
+            inlateout("rax") nr as i64 => result,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            in("r9") a[5],
+            options(nostack),
+        );
     }
     result
 }
@@ -81,4 +118,76 @@ pub fn mailbox() -> u64 {
     // SAFETY:
     // 1. MAILBOX writes no guest memory.
     unsafe { call(nr::MAILBOX, 0, 0) as u64 }
+}
+
+/// `IRQ_INFO`: the interrupts of `device` (requester ID) at `index` (`irq::INDEX_*`): their
+/// count and `irq::FLAG_*` flags, or the negative error code.
+pub fn irq_info(device: u16, index: u64) -> Result<(u32, u64), i64> {
+    // SAFETY:
+    // 1. IRQ_INFO writes no guest memory.
+    let r = unsafe { call6(nr::IRQ_INFO, [u64::from(device), index, 0, 0, 0, 0]) };
+    if r < 0 { Err(r) } else { Ok((r as u64 as u32, r as u64 >> 32)) }
+}
+
+/// The data of a `SET_IRQS` call. The wrapper passes what it is given: the `irq::DATA_*` flag
+/// in `flags` and the data need not agree (to test rejections).
+#[derive(Clone, Copy, Debug)]
+pub enum IrqData<'a> {
+    /// No data (address 0).
+    None,
+    /// One byte per vector, 0 or 1 (`irq::DATA_BOOL`).
+    Bool(&'a [u8]),
+    /// One binding per vector (`irq::DATA_EVENT`: `irq::binding` or `irq::UNBIND`).
+    Event(&'a [u64]),
+}
+
+impl IrqData<'_> {
+    /// Guest-physical address of the data (the identity map makes it the slice's address).
+    fn gpa(&self) -> u64 {
+        match self {
+            Self::None => 0,
+            Self::Bool(b) => b.as_ptr() as u64,
+            Self::Event(e) => e.as_ptr() as u64,
+        }
+    }
+}
+
+/// `SET_IRQS`: on `device` (requester ID), index `index`, vectors `start..start + count`,
+/// with `flags` = one `irq::DATA_*` | one `irq::ACTION_*`, and `data`. `Err` holds the negative
+/// error code.
+pub fn set_irqs(device: u16, index: u64, start: u64, count: u64, flags: u64, data: IrqData) -> Result<(), i64> {
+    // SAFETY:
+    // 1. SET_IRQS only reads guest memory: the data, borrowed for the call.
+    let r = unsafe { call6(nr::SET_IRQS, [u64::from(device), index, start, count, flags, data.gpa()]) };
+    if r < 0 { Err(r) } else { Ok(()) }
+}
+
+/// `IRQ_STATS`: the counters of vector `vector` (the message or entry number within `index`)
+/// of `device` (requester ID), or the negative error code.
+pub fn irq_stats(device: u16, index: u64, vector: u64) -> Result<IrqStats, i64> {
+    let mut stats = IrqStats::default();
+    let out = &mut stats as *mut IrqStats as u64;
+    // SAFETY:
+    // 1. IRQ_STATS writes one `IrqStats` (repr(C), 48 bytes, every bit pattern valid) at
+    //    `out`, which is `stats`, exclusively borrowed here; it writes nothing else.
+    let r = unsafe { call6(nr::IRQ_STATS, [u64::from(device), index, vector, out, 0, 0]) };
+    if r < 0 { Err(r) } else { Ok(stats) }
+}
+
+/// The name of a Conduit error code (`conduit_abi::error`), for messages.
+pub fn error_name(code: i64) -> &'static str {
+    use conduit_abi::error::*;
+    match code {
+        EPERM => "EPERM",
+        ENOENT => "ENOENT",
+        EFAULT => "EFAULT",
+        EBUSY => "EBUSY",
+        EEXIST => "EEXIST",
+        ENODEV => "ENODEV",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        ENOSYS => "ENOSYS",
+        _ if code >= 0 => "ok",
+        _ => "unknown error",
+    }
 }

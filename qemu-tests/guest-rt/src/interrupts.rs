@@ -1,10 +1,14 @@
 //! The IDT and interrupt dispatch. All 256 vectors enter through 16-byte stubs that push the
 //! vector (and a 0 where the CPU pushes no error code) and jump to one common entry, which
-//! saves every general-purpose register and calls [`dispatch`]:
+//! saves every general-purpose register and calls `dispatch`:
 //! - vectors 0–31 (exceptions) print a report and EXIT with `exit_code::EXCEPTION | vector`;
 //! - other vectors call the handler [`register`]ed for them, then EOI; an unregistered vector
 //!   is counted ([`unexpected`]) and EOI'd; the spurious vector (see [`SPURIOUS_VECTOR`]) is
 //!   counted and not EOI'd.
+//!
+//! Every arrival at a vector ≥ 32 is also counted per vector, on all vCPUs together
+//! ([`count`]); [`wait_for_count`] waits (bounded) for a vector's count to reach a value. A
+//! driver that needs nothing done in its handler registers [`count_only`].
 //!
 //! Handlers run on the interrupted stack with interrupts off (interrupt gates). The runtime is
 //! built soft-float, so no handler touches SSE/x87 state.
@@ -54,6 +58,9 @@ static IDT: Idt = Idt([const { AtomicU64::new(0) }; 512]);
 
 /// Registered handlers (`fn(u8)` as `usize`, 0 = none), by vector.
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+
+/// Arrivals per vector (every vCPU), vectors 32–254 (the spurious vector counts in `SPURIOUS`).
+static COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
 /// Interrupts at vectors without a handler.
 static UNEXPECTED: AtomicU64 = AtomicU64::new(0);
@@ -108,6 +115,20 @@ pub fn register(vector: u8, handler: fn(u8)) {
 /// Removes the handler of `vector`.
 pub fn unregister(vector: u8) {
     HANDLERS[usize::from(vector)].store(0, Ordering::Release);
+}
+
+/// A handler that does nothing: the arrival is counted ([`count`]) and EOI'd by the runtime.
+pub fn count_only(_vector: u8) {}
+
+/// Arrivals at `vector` so far, on every vCPU (exceptions are not counted).
+pub fn count(vector: u8) -> u64 {
+    COUNTS[usize::from(vector)].load(Ordering::Acquire)
+}
+
+/// Waits until [`count`]`(vector)` reaches `target` or `timeout_us` microseconds pass; returns
+/// whether it did. Interrupts must be enabled (or arrive on another vCPU) for this to succeed.
+pub fn wait_for_count(vector: u8, target: u64, timeout_us: u64) -> bool {
+    crate::time::wait_until(crate::time::deadline_after_us(timeout_us), || count(vector) >= target)
 }
 
 /// Interrupts that arrived at a vector without a handler.
@@ -176,6 +197,8 @@ extern "sysv64" fn dispatch(frame: &Frame) {
         let handler = unsafe { core::mem::transmute::<usize, fn(u8)>(raw) };
         handler(vector);
     }
+    // Counted after the handler, so a waiter that sees the count also sees the handler's work.
+    COUNTS[usize::from(vector)].fetch_add(1, Ordering::AcqRel);
     lapic::eoi();
 }
 

@@ -2,6 +2,16 @@
 //! console, hypercalls, the virtual local APIC, bounded waits and a pass/fail report, so that a
 //! test guest reads like a small driver.
 //!
+//! Device support: `pci` (ECAM and port configuration access, enumeration, BARs,
+//! capabilities), `msi` and `msix` (programming interrupt messages), `memory` (DMA pages from
+//! the free range), `mmio` (register windows), `devices` (edu, NVMe, notify) and the interrupt
+//! hypercalls in `hypercall`.
+//!
+//! Every vCPU of a partition enters through the same entry point with its own `BootInfo`
+//! (`info.vcpu`) and stack; the IDT, the handler table and the interrupt counts are shared
+//! statics (each vCPU loads the IDT), so cross-vCPU coordination is through atomics and
+//! `sync::Once`.
+//!
 //! A guest binary is `#![no_std] #![no_main]` and names its main function with [`entry!`]:
 //!
 //! ```ignore
@@ -21,10 +31,17 @@
 
 pub mod console;
 pub mod cpu;
+pub mod devices;
 pub mod hypercall;
 pub mod interrupts;
 pub mod lapic;
+pub mod memory;
+pub mod mmio;
+pub mod msi;
+pub mod msix;
+pub mod pci;
 pub mod report;
+pub mod sync;
 pub mod time;
 
 pub use conduit_abi::{self as abi, BootInfo};
@@ -68,6 +85,7 @@ pub fn start(info: &'static BootInfo, main: fn(&'static BootInfo) -> u64) -> ! {
     }
     lapic::set_base(info.local_apic);
     time::set_tsc_hz(info.tsc_hz);
+    memory::init(info.free_start, info.free_end);
     interrupts::init();
     let result = main(info);
     hypercall::exit(result)

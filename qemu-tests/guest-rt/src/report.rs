@@ -26,6 +26,24 @@ impl Report {
         ok
     }
 
+    /// The value of `result`; on an error, records a failure `<what>: <error>` and gives
+    /// `None` (for set-up steps after which the guest cannot go on).
+    pub fn require<T, E: fmt::Display>(&mut self, what: &str, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.fail(format_args!("{what}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Records a failure unless `got == want`, printing `<what>: got <got>, expected <want>`;
+    /// returns whether they were equal.
+    pub fn check_eq<T: PartialEq + fmt::Debug>(&mut self, what: &str, got: T, want: T) -> bool {
+        self.check(got == want, format_args!("{what}: got {got:?}, expected {want:?}"))
+    }
+
     /// Records a failure and prints `what`.
     pub fn fail(&mut self, what: fmt::Arguments) {
         self.failures += 1;

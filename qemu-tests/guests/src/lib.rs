@@ -1,5 +1,5 @@
-//! Code shared by the test guests in `src/bin/`: a pseudo-random stream, a checksum and a short
-//! list of interrupt vectors. Pure code (no `unsafe`); the guests' hardware access goes through
+//! Code shared by the test guests in `src/bin/`: a pseudo-random stream, a checksum, a data
+//! pattern and a short list of interrupt vectors. Pure code (no `unsafe`); the guests' hardware access goes through
 //! `conduit-guest-rt`.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -63,6 +63,13 @@ impl Default for Fnv1a64 {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Byte `i` of the test pattern named `seed`: distinct seeds give different blocks, and no
+/// byte depends only on `i` (so a block read from the wrong place shows).
+pub fn pattern_byte(seed: u64, i: u64) -> u8 {
+    let x = (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_mul(0xff51_afd7_ed55_8ccd)).rotate_left(29);
+    (x ^ x >> 32 ^ x >> 16) as u8
 }
 
 /// Up to `VectorList::CAPACITY` interrupt vectors in arrival order; displays as

@@ -706,6 +706,10 @@ impl Vcpu {
                 }
                 hypercall::UPTIME_US => env.uptime_us() as i64,
                 hypercall::MAILBOX => env.mailbox() as i64,
+                hypercall::AUTO_EOI => match (u8::try_from(a0), a1) {
+                    (Ok(vector), 0 | 1) if self.lapic.set_auto_eoi(vector, a1 == 1) => 0,
+                    _ => error::EINVAL,
+                },
                 _ => error::ENOSYS,
             }
         };

@@ -111,13 +111,17 @@ fn hypercalls() {
     env.mailbox = 9;
     assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::MAILBOX, 0, 0).1, 9);
     assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::UPTIME_US, 0, 0).1, 42);
+    assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::AUTO_EOI, 0x61, 1).1, 0);
+    assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::AUTO_EOI, 0x0f, 1).1, error::EINVAL);
+    assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::AUTO_EOI, 0x161, 1).1, error::EINVAL);
+    assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::AUTO_EOI, 0x61, 2).1, error::EINVAL);
     vmcb.save.cpl = 3;
     assert_eq!(call(&mut v, &mut vmcb, &mut env, hypercall::VERSION, 0, 0).1, error::EPERM);
     vmcb.save.cpl = 0;
     let (a, _) = call(&mut v, &mut vmcb, &mut env, hypercall::EXIT, 0x600d, 0);
     assert_eq!(a, Action::Stop(Stop::Exited(0x600d)));
     assert_eq!(env.lines, ["hi there", "and more"], "the partial line is flushed at exit");
-    assert_eq!(v.stats.hypercall_errors, 5);
+    assert_eq!(v.stats.hypercall_errors, 8);
 }
 
 #[test]
