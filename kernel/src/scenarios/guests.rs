@@ -167,6 +167,18 @@ pub fn isolation(p: &Platform) -> Result<(), &'static str> {
         check(expected, "an intruder was not stopped for the expected reason")?;
         check(bystander_running, "the bystander stopped with an intruder")?;
     }
+    // The next guest on a CPU sees nothing of the previous one's registers.
+    for (arg, text) in
+        [(5, "intruder:guest=intruder,memory=16M,cpus=1,arg=5"), (6, "intruder:guest=intruder,memory=16M,cpus=1,arg=6")]
+    {
+        let spec = parse(text)?;
+        let i = vmm::create(&spec, &bundle).map_err(build_error)?;
+        vmm::start(i).map_err(build_error)?;
+        let o = wait_stopped(1, STEP_US)?;
+        vmm::teardown(i).map_err(build_error)?;
+        println!("guest_isolation: intruder {}: {}", arg, o.stop);
+        check(o.stop == Stop::Exited(GOOD), "a guest saw register state of the previous guest on its CPU")?;
+    }
     vmm::post(2, 1);
     let o = wait_stopped(2, STEP_US * 4)?;
     println!("guest_isolation: bystander: {}", o.stop);
@@ -226,17 +238,22 @@ pub fn injection(p: &Platform) -> Result<(), &'static str> {
     check(phase(4), "phase D: no signal")?;
     vmm::raise(1, &VectorSet::of(&[0x51, 0x62, 0x73]));
     println!("guest_interrupt_injection: phase D: raised 0x51 0x62 0x73 under TPR 0x60");
+    // F: the same under CR8 6 (the guest's CR8 write did not exit: nothing was waiting).
+    check(phase(6), "phase F: no signal")?;
+    vmm::raise(1, &VectorSet::of(&[0x51, 0x62, 0x73]));
+    println!("guest_interrupt_injection: phase F: raised 0x51 0x62 0x73 under CR8 6");
     let o = wait_stopped(1, STEP_US * 4)?;
     let raised = s.raised();
     let left = s.pending.snapshot().len();
     println!(
-        "guest_interrupt_injection: {}; {} raised by the supervisor + {} by the virtual timer, {} injected, {} left pending, {} interrupt windows",
-        o.stop, raised, o.stats.timer_interrupts, o.stats.injected, left, o.stats.windows
+        "guest_interrupt_injection: {}; {} raised by the supervisor + {} by the virtual timer, {} injected, {} left pending, {} interrupt windows, {} CR8 exits",
+        o.stop, raised, o.stats.timer_interrupts, o.stats.injected, left, o.stats.windows, o.stats.cr8
     );
     defmt::info!("guest_interrupt_injection: {}; raised {=u64}, stats {}", o.stop, raised, o.stats);
     vmm::teardown(i).map_err(build_error)?;
     check(o.stop == Stop::Exited(GOOD), "the guest saw a wrong order or count")?;
-    check(raised == 15 && o.stats.injected == raised + o.stats.timer_interrupts, "injected differs from raised")?;
+    check(raised == 18 && o.stats.injected == raised + o.stats.timer_interrupts, "injected differs from raised")?;
+    check(o.stats.cr8 >= 1, "lowering the priority through CR8 did not exit")?;
     check(left == 0, "vectors left pending")
 }
 

@@ -56,3 +56,22 @@ pub fn wait_until(deadline_us: u64, mut cond: impl FnMut() -> bool) -> bool {
 pub fn delay_us(us: u64) {
     wait_until(deadline_after_us(us), || false);
 }
+
+/// Spins on the TSC alone — no exit at all — until `cond()` holds or `us` microseconds passed
+/// (`BootInfo::tsc_hz`; falls back to `wait_until` when the rate is unknown). Use it where the
+/// hypervisor must interrupt a running vCPU to deliver (a kick), not wait for its next exit.
+pub fn spin_without_exits(us: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let tsc_per_us = TSC_PER_US.load(Ordering::Relaxed);
+    if tsc_per_us == 0 {
+        return wait_until(deadline_after_us(us), cond);
+    }
+    let start = cpu::rdtsc();
+    let ticks = us.saturating_mul(tsc_per_us);
+    while cpu::rdtsc().wrapping_sub(start) < ticks {
+        if cond() {
+            return true;
+        }
+        cpu::pause();
+    }
+    cond()
+}

@@ -11,6 +11,12 @@
 //!   0x51 and 0x62 stay requested (IRR) until TPR 0, then 0x62, 0x51.
 //! - E (timer): a 1 ms one-shot of the virtual APIC timer at 0x45, waited for halted: exactly one
 //!   arrival, current count 0.
+//! - F (CR8): `mov cr8, 6`, SIGNAL 6; the supervisor raises 0x51, 0x62, 0x73: only 0x73
+//!   arrives; `mov cr8, 0` (which must exit: an interrupt waits on the priority) releases 0x62,
+//!   then 0x51.
+//!
+//! Phases B, D and F wait by spinning on the TSC with no exit at all, so every vector the
+//! supervisor raises meanwhile reaches the running vCPU only through the kick IPI.
 //!
 //! Only vCPU 0 takes part (other vCPUs exit at once with `PASS`).
 #![no_std]
@@ -81,9 +87,18 @@ fn since(from: usize) -> VectorList {
     list
 }
 
-/// Spins (interrupts as they are) until `n` arrivals since `from`, for at most `PHASE_WAIT_US`.
+/// Spins (interrupts as they are) until `n` arrivals since `from`, for at most `PHASE_WAIT_US`,
+/// without any exit: arrivals come through kicks.
 fn spin_for(from: usize, n: usize) -> bool {
-    time::wait_until(time::deadline_after_us(PHASE_WAIT_US), || arrivals() - from >= n)
+    time::spin_without_exits(PHASE_WAIT_US, || arrivals() - from >= n)
+}
+
+/// Sets the task priority through CR8 (`mov cr8, reg`).
+fn set_cr8(class: u64) {
+    // SAFETY:
+    // 1. CPL 0 in 64-bit mode: MOV to CR8 is allowed; values 0-15 are valid (bits 63:4 zero).
+    // 2. It changes only the task priority: which interrupts the vCPU takes, nothing else.
+    unsafe { core::arch::asm!("mov cr8, {}", in(reg) class & 0xf, options(nostack, preserves_flags)) };
 }
 
 /// Checks `got` is `want` and prints the phase line.
@@ -117,9 +132,10 @@ fn main(info: &'static BootInfo) -> u64 {
     phase_c(&mut r);
     phase_d(&mut r);
     phase_e(&mut r, info);
+    phase_f(&mut r);
 
     cpu::cli();
-    for (v, want) in [(V51, 4), (V62, 4), (V73, 4), (V74, 3), (TIMER, 1)] {
+    for (v, want) in [(V51, 5), (V62, 5), (V73, 5), (V74, 3), (TIMER, 1)] {
         r.check(count(v) == want, format_args!("vector {v:#04x} arrived {} times in all, expected {want}", count(v)));
     }
     r.check(
@@ -175,6 +191,10 @@ fn phase_a(r: &mut Report, info: &BootInfo) {
     if !r.check(got.total() >= 4, format_args!("{PHASE}: timed out after 2 s with {got}")) {
         return;
     }
+    r.check(
+        WATCHDOG_TICKS.load(Ordering::Relaxed) == 0,
+        format_args!("{PHASE}: the 2 s watchdog fired: the raised vectors did not wake the halted vCPU"),
+    );
     expect(r, PHASE, &got, &[V74, V73, V62, V51]);
 }
 
@@ -270,6 +290,31 @@ fn phase_e(r: &mut Report, info: &BootInfo) {
         & r.check(current == 0, format_args!("{PHASE}: timer current count {current} after it fired, expected 0"));
     if ok {
         println!("injection: {PHASE}: {got}");
+    }
+}
+
+/// F: the task priority set through CR8 holds back classes at or below it; lowering it through
+/// CR8 releases them.
+fn phase_f(r: &mut Report) {
+    const PHASE: &str = "phase F (CR8 6, then 0)";
+    let from = arrivals();
+    set_cr8(6);
+    cpu::sti();
+    hypercall::signal(6);
+    let first = spin_for(from, 1);
+    time::spin_without_exits(SETTLE_US * 2, || false);
+    let held = since(from);
+    let ok = r.check(first, format_args!("{PHASE}: nothing arrived within 2 s"))
+        & r.check(held.is(&[V73]), format_args!("{PHASE}: with CR8 6 got {held}, expected 0x73 only"));
+    let from_low = arrivals();
+    set_cr8(0);
+    let done = spin_for(from_low, 2);
+    time::delay_us(SETTLE_US);
+    let low = since(from_low);
+    let ok = ok & r.check(done, format_args!("{PHASE}: after CR8 0 timed out with {low}"));
+    let ok = ok & r.check(low.is(&[V62, V51]), format_args!("{PHASE}: after CR8 0 got {low}, expected 0x62 0x51"));
+    if ok {
+        println!("injection: {PHASE}: {}", since(from));
     }
 }
 

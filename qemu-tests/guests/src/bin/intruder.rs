@@ -5,6 +5,9 @@
 //! - 3: triple fault (an IDT with limit 0, then `int3`);
 //! - 4: write to the address the supervisor posts in the mailbox (another guest's host-physical
 //!   memory), then to the same offset beyond this guest's RAM.
+//! - 5: leave a secret in xmm0-xmm15 and DR0-DR3, then exit normally (0x600d);
+//! - 6: check that xmm0-xmm15, the x87 control word, MXCSR and DR0-DR3 hold nothing of a
+//!   previous guest on this CPU (all zero, power-on control values): 0x600d if clean.
 #![no_std]
 #![no_main]
 
@@ -58,6 +61,8 @@ fn main(info: &'static BootInfo) -> u64 {
             unsafe { asm!("lidt [{}]", "int3", in(reg) &empty, options(readonly)) };
         }
         4 => return other_guest(info),
+        5 => return leave_secret(),
+        6 => return check_clean(),
         other => {
             println!("intruder: FAILED: unknown argument {other}");
             return exit_code::FAIL;
@@ -111,4 +116,74 @@ fn other_guest(info: &BootInfo) -> u64 {
     }
     println!("intruder: access returned");
     exit_code::FAIL
+}
+
+/// The secret argument 5 leaves behind.
+const SECRET: u64 = 0x5ec2_e7da_7a00_0001;
+
+/// Fills xmm0-xmm15 and DR0-DR3 with `SECRET` and exits normally.
+fn leave_secret() -> u64 {
+    // SAFETY:
+    // 1. CPL 0: MOV to DR0-DR3 is allowed; DR7 stays 0, so no breakpoint is armed.
+    // 2. CR4.OSFXSR is set by the boot protocol, so the SSE moves are legal; the compiler does
+    //    not use SSE state (soft-float target), so nothing of Rust's is clobbered.
+    unsafe {
+        asm!(
+            "movq xmm0, {s}", "movq xmm1, {s}", "movq xmm2, {s}", "movq xmm3, {s}",
+            "movq xmm4, {s}", "movq xmm5, {s}", "movq xmm6, {s}", "movq xmm7, {s}",
+            "movq xmm8, {s}", "movq xmm9, {s}", "movq xmm10, {s}", "movq xmm11, {s}",
+            "movq xmm12, {s}", "movq xmm13, {s}", "movq xmm14, {s}", "movq xmm15, {s}",
+            "mov dr0, {s}", "mov dr1, {s}", "mov dr2, {s}", "mov dr3, {s}",
+            s = in(reg) SECRET,
+            options(nostack, preserves_flags)
+        )
+    };
+    println!("intruder: left {SECRET:#x} in xmm0-15 and dr0-3");
+    exit_code::PASS
+}
+
+/// FXSAVE image (512 bytes, 16-aligned).
+#[repr(C, align(16))]
+struct FxImage([u8; 512]);
+
+/// Reports whether anything of a previous guest is visible in the x87/SSE registers or DR0-DR3.
+fn check_clean() -> u64 {
+    let mut fx = FxImage([0xa5; 512]);
+    let mut dr = [0u64; 4];
+    // SAFETY:
+    // 1. `fx` is a live, 16-byte aligned 512-byte buffer: FXSAVE writes exactly that.
+    // 2. CPL 0: reading DR0-DR3 is allowed and has no effect.
+    unsafe {
+        asm!(
+            "fxsave64 [{fx}]",
+            "mov {t}, dr0", "mov [{dr}], {t}",
+            "mov {t}, dr1", "mov [{dr} + 8], {t}",
+            "mov {t}, dr2", "mov [{dr} + 16], {t}",
+            "mov {t}, dr3", "mov [{dr} + 24], {t}",
+            fx = in(reg) fx.0.as_mut_ptr(),
+            dr = in(reg) dr.as_mut_ptr(),
+            t = out(reg) _,
+            options(nostack, preserves_flags)
+        )
+    };
+    let fcw = u16::from_le_bytes([fx.0[0], fx.0[1]]);
+    let mxcsr = u32::from_le_bytes([fx.0[24], fx.0[25], fx.0[26], fx.0[27]]);
+    // x87 registers ST0-7 at 32..160: 10 bytes each in 16-byte slots (FXSAVE leaves the other
+    // 6 untouched); XMM0-15 at 160..416.
+    let st_dirty = fx.0[32..160].chunks_exact(16).any(|slot| slot[..10].iter().any(|&b| b != 0));
+    let xmm_dirty = fx.0[160..416].iter().any(|&b| b != 0);
+    let dr_dirty = dr.iter().any(|&d| d != 0);
+    println!(
+        "intruder: fcw {fcw:#06x}, mxcsr {mxcsr:#x}, st0-7 {}, xmm0-15 {}, dr0-3 {}",
+        if st_dirty { "DIRTY" } else { "zero" },
+        if xmm_dirty { "DIRTY" } else { "zero" },
+        if dr_dirty { "DIRTY" } else { "zero" }
+    );
+    if fcw == 0x037f && mxcsr == 0x1f80 && !st_dirty && !xmm_dirty && !dr_dirty {
+        println!("intruder: nothing of the previous guest on this CPU is visible");
+        exit_code::PASS
+    } else {
+        println!("intruder: FAILED: state of a previous guest is visible");
+        exit_code::FAIL
+    }
 }
