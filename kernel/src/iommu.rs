@@ -2,8 +2,10 @@
 //! tables, translation on) and interrupt remapping on; from then on it is the only way a device
 //! gets DMA (attachment to a domain) or interrupts (remapping entries). Faults are drained by
 //! the fault-event interrupt into a bounded log, each attributed to the owner of the device
-//! that caused it. Without an IOMMU, or without interrupt remapping on the device's unit,
-//! device assignment is refused with the reason.
+//! that caused it. Without an IOMMU, without interrupt remapping on the device's unit, with a
+//! DMAR that did not fit (something in it was dropped), or for a device whose DMA reaches the
+//! IOMMU under another requester ID (behind a PCIe-to-PCI or conventional PCI bridge), device
+//! assignment is refused with the reason.
 
 use crate::arch::interrupts::{self, Handler, vectors};
 use crate::arch::mmio::MmioWindow;
@@ -26,6 +28,8 @@ type Unit = VtdUnit<MmioWindow, KernelDma>;
 static UNITS: IrqMutex<Vec<Unit, MAX_UNITS>> = IrqMutex::new(Vec::new());
 static READERS: spin::Once<Vec<FaultReader<MmioWindow>, MAX_UNITS>> = spin::Once::new();
 static DMAR: spin::Once<Dmar> = spin::Once::new();
+/// Structures, scopes or units the DMAR parser dropped for lack of room (0 when it all fit).
+static DMAR_DROPPED: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 static ABSENT: spin::Once<&'static str> = spin::Once::new();
 static LOG: IrqMutex<FaultLog> = IrqMutex::new(FaultLog::new());
 /// Owner of each attached device: requester ID (bits 15:0), owner (47:16), valid (bit 63).
@@ -104,11 +108,14 @@ pub struct FaultLog {
     pub dropped: u64,
     /// Fault interrupts taken.
     pub interrupts: u64,
+    /// Drains that stopped with faults still pending (a device recording faults faster than
+    /// they were drained); they are drained again later (`wait_for_fault`, the next event).
+    pub left_pending: u64,
 }
 
 impl FaultLog {
     const fn new() -> Self {
-        Self { entries: Deque::new(), total: 0, overflows: 0, dropped: 0, interrupts: 0 }
+        Self { entries: Deque::new(), total: 0, overflows: 0, dropped: 0, interrupts: 0, left_pending: 0 }
     }
 
     /// Logged faults, oldest first.
@@ -190,9 +197,16 @@ fn set_owner(_units: &mut Vec<Unit, MAX_UNITS>, dev: PciAddress, owner: Owner) -
 /// Fault-event interrupt: drains every unit's records into the log. Uses only the fault
 /// registers (no unit lock) and the log's own lock.
 fn on_fault(_frame: &mut crate::arch::idt::Frame) {
-    let Some(readers) = READERS.get() else { return };
     let mut log = LOG.lock();
     log.interrupts += 1;
+    drain_into(&mut log);
+}
+
+/// Drains every unit's fault records into `log` (the caller holds the log's lock, which
+/// serializes drains). Each drain is bounded; faults it leaves pending raise no new event, so
+/// they are counted and picked up by the next drain.
+fn drain_into(log: &mut FaultLog) {
+    let Some(readers) = READERS.get() else { return };
     for (unit, r) in readers.iter().enumerate() {
         let d = r.drain(&mut |fault| {
             let owner = owner_of(fault.source_id);
@@ -200,6 +214,9 @@ fn on_fault(_frame: &mut crate::arch::idt::Frame) {
         });
         if d.overflowed {
             log.overflows += 1;
+        }
+        if d.pending {
+            log.left_pending += 1;
         }
     }
 }
@@ -217,24 +234,24 @@ pub fn init(dmar: Option<Dmar>, fault_apic_id: u32) -> Result<Option<Summary>, I
     let remap = dmar.flags & conduit_iommu::vtd::dmar::flags::INTR_REMAP != 0;
     let fault =
         FaultEvent::new(fault_apic_id, vectors::IOMMU_FAULT).map_err(|_| InitError::FaultDestination(fault_apic_id))?;
+    if dmar.dropped > 0 {
+        // A dropped RMRR or scope could name a device firmware DMAs for, or place it under
+        // another unit: no device is assigned on a partial picture.
+        DMAR_DROPPED.store(dmar.dropped, Ordering::Relaxed);
+        defmt::warn!(
+            "iommu: the DMAR did not fit ({=u32} units, RMRRs or scopes dropped): assignment refused",
+            dmar.dropped
+        );
+        crate::println!("iommu: DMAR incomplete ({} structures dropped): device assignment refused", dmar.dropped);
+    }
     interrupts::register(vectors::IOMMU_FAULT, &FAULT_HANDLER);
     let mut units = UNITS.lock();
     let mut readers: Vec<FaultReader<MmioWindow>, MAX_UNITS> = Vec::new();
-    for d in &dmar.units {
-        let regs = MmioWindow::map_pages(d.base, u64::from(d.pages).max(1)).map_err(InitError::Map)?;
-        let mut unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
-        // The register window must reach the fault records and IOTLB registers.
-        let need = (unit.cap().fault_recording_offset() + 16 * u64::from(unit.cap().fault_records()))
-            .max(unit.ecap().iotlb_offset() + 16);
-        if need > u64::from(d.pages) * conduit_mem::PAGE_SIZE {
-            let regs = MmioWindow::map(d.base, need).map_err(InitError::Map)?;
-            unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
-        }
-        unit.enable(fault, remap && unit.ecap().interrupt_remapping()).map_err(InitError::Unit)?;
-        let _ = readers.push(unit.fault_reader());
-        let _ = units.push(unit);
-    }
+    let brought_up = bring_up(&dmar, fault, remap, &mut units, &mut readers);
+    // Units enabled before a failure have their fault events unmasked and routed to the
+    // handler: it must find their readers, whatever happened to the rest.
     READERS.call_once(|| readers);
+    brought_up?;
     let u0 = units.first();
     let summary = Summary {
         units: units.len(),
@@ -245,6 +262,35 @@ pub fn init(dmar: Option<Dmar>, fault_apic_id: u32) -> Result<Option<Summary>, I
     drop(units);
     DMAR.call_once(|| dmar);
     Ok(Some(summary))
+}
+
+/// Probes and enables every unit of `dmar`, in order, into `units` (and their fault readers
+/// into `readers`); stops at the first failure.
+fn bring_up(
+    dmar: &Dmar,
+    fault: FaultEvent,
+    remap: bool,
+    units: &mut Vec<Unit, MAX_UNITS>,
+    readers: &mut Vec<FaultReader<MmioWindow>, MAX_UNITS>,
+) -> Result<(), InitError> {
+    for d in &dmar.units {
+        let regs = MmioWindow::map_pages(d.base, u64::from(d.pages).max(1)).map_err(InitError::Map)?;
+        let mut unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
+        // The register window must reach the fault records and IOTLB registers.
+        let need = (unit.cap().fault_recording_offset() + 16 * u64::from(unit.cap().fault_records()))
+            .max(unit.ecap().iotlb_offset() + 16);
+        if need > u64::from(d.pages) * conduit_mem::PAGE_SIZE {
+            let regs = MmioWindow::map(d.base, need).map_err(InitError::Map)?;
+            unit = vtd::probe_unit(regs, dmar.host_address_width).map_err(InitError::Unit)?;
+        }
+        let reader = unit.fault_reader();
+        let enabled = unit.enable(fault, remap && unit.ecap().interrupt_remapping());
+        // Fault events may be unmasked even when a later step failed: drain its faults too.
+        let _ = readers.push(reader);
+        enabled.map_err(InitError::Unit)?;
+        let _ = units.push(unit);
+    }
+    Ok(())
 }
 
 /// Why the IOMMU cannot be used, when it cannot.
@@ -276,6 +322,13 @@ pub enum AssignError {
     /// GSTS.IRES clear): the device's writes to 0xFEEx_xxxx would reach the CPUs as
     /// compatibility-format interrupts, any vector on any CPU.
     NoInterruptRemapping,
+    /// The DMAR had more units, RMRRs or device scopes than Conduit records (this many were
+    /// dropped): a dropped RMRR or scope could concern any device, so none is assigned.
+    DmarIncomplete(u32),
+    /// The device's DMA reaches the IOMMU under another requester ID too (it sits behind a
+    /// PCIe-to-PCI/PCI-X or conventional PCI bridge, or is not in the inventory): the IOMMU
+    /// cannot tell it from its neighbours.
+    Aliased(conduit_pci::enumerate::Aliasing),
     /// The unit refused.
     Iommu(IommuError),
 }
@@ -327,13 +380,21 @@ pub fn unmap(d: Domain, iova: u64, len: u64) -> Result<(), AssignError> {
 }
 
 /// Gives `dev`'s DMA to domain `d` and records `owner` for fault attribution. Refused without
-/// an IOMMU, without interrupt remapping on the device's unit, for devices in an RMRR's
-/// scope, across units, and while `dev` still holds interrupt remapping entries.
+/// an IOMMU, when the DMAR did not fit, without interrupt remapping on the device's unit, for
+/// devices in an RMRR's scope, for devices whose DMA can carry another requester ID (behind a
+/// PCIe-to-PCI or conventional PCI bridge; see `Inventory::own_requester_id` for what is not
+/// checked: ACS peer-to-peer isolation), across units, and while `dev` still holds interrupt
+/// remapping entries.
 pub fn assign(d: Domain, dev: PciAddress, owner: Owner) -> Result<(), AssignError> {
     let dmar = ready()?;
+    let dropped = DMAR_DROPPED.load(Ordering::Relaxed);
+    if dropped > 0 {
+        return Err(AssignError::DmarIncomplete(dropped));
+    }
     if dmar.rmrrs_for(crate::pci::config(), dev).next().is_some() {
         return Err(AssignError::Rmrr(dev));
     }
+    crate::pci::with_inventory(|inv| inv.own_requester_id(dev)).map_err(AssignError::Aliased)?;
     if unit_for(dev)? != d.unit {
         return Err(AssignError::WrongUnit);
     }
@@ -396,13 +457,17 @@ pub fn with_fault_log<R>(f: impl FnOnce(&FaultLog) -> R) -> R {
     f(&LOG.lock())
 }
 
-/// Waits (bounded) until the log holds a fault matching `pred`; returns it.
+/// Waits (bounded) until the log holds a fault matching `pred`; returns it. Drains the units
+/// itself too, so faults a bounded drain left pending (no new event for them) are found.
 pub fn wait_for_fault(timeout_us: u64, pred: impl Fn(&LoggedFault) -> bool) -> Option<LoggedFault> {
     let deadline = crate::arch::time::deadline_after_us(timeout_us);
     loop {
-        if let Some(f) = LOG.lock().iter().find(|f| pred(f)).copied() {
+        let mut log = LOG.lock();
+        drain_into(&mut log);
+        if let Some(f) = log.iter().find(|f| pred(f)).copied() {
             return Some(f);
         }
+        drop(log);
         if crate::arch::time::passed(deadline) {
             return None;
         }

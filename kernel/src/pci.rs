@@ -4,6 +4,7 @@
 use crate::arch::pci::PlatformConfig;
 use crate::sync::IrqMutex;
 use conduit_acpi::EcamWindow;
+use conduit_mem::PhysRange;
 use conduit_pci::enumerate::{Inventory, Segment, enumerate};
 use conduit_pci::summary::Summary;
 use heapless::Vec;
@@ -26,12 +27,32 @@ pub fn segments(windows: &[EcamWindow]) -> Vec<Segment, { conduit_acpi::mcfg::MA
     windows.iter().map(|w| Segment { segment: w.segment, start_bus: w.start_bus, end_bus: w.end_bus }).collect()
 }
 
-/// Chooses config access (ECAM windows must already be mapped uncached), enumerates, logs the
-/// inventory. Returns (functions, problems).
+/// Chooses config access, enumerates, logs the inventory. Returns (functions, problems).
+/// Each ECAM window is (re)mapped uncached here first, which also checks it is device
+/// memory; a window that cannot be is left out (its segment 0 buses fall back to the legacy
+/// ports).
 pub fn init(windows: &[EcamWindow]) -> (usize, usize) {
-    let cfg = CONFIG.call_once(|| PlatformConfig::new(windows, true));
+    let mut mapped: Vec<EcamWindow, { conduit_acpi::mcfg::MAX_WINDOWS }> = Vec::new();
+    for w in windows {
+        let range = PhysRange::new(w.start(), w.start().saturating_add(w.len_bytes()));
+        match crate::arch::paging::map_mmio(range) {
+            Ok(()) => {
+                let _ = mapped.push(*w);
+            }
+            Err(e) => {
+                defmt::error!("pci: ECAM window at {=u64:#x} not usable: {}", w.start(), e);
+                crate::println!("pci: ECAM window at {:#x} not usable: {:?}", w.start(), e);
+            }
+        }
+    }
+    // SAFETY:
+    // 1. Every window in `mapped` was just mapped uncached (identity) by `map_mmio`, which
+    //    refuses ranges that alias RAM, the image or firmware tables; nothing unmaps device
+    //    memory afterwards, and the value lives in a static for the kernel's lifetime.
+    // 2. They are the MCFG's ECAM windows: config registers.
+    let cfg = CONFIG.call_once(|| unsafe { PlatformConfig::new(&mapped, true) });
     let mut inv = INVENTORY.lock();
-    enumerate(cfg, &segments(windows), &mut inv);
+    enumerate(cfg, &segments(&mapped), &mut inv);
     for f in &inv.functions {
         defmt::info!("pci: {}", defmt::Display2Format(&Summary(f)));
         for b in &f.bars {

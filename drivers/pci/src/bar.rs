@@ -129,8 +129,15 @@ pub fn size_all(
         let index = i;
         i += 1;
         if orig & regs::BAR_IO != 0 {
-            // I/O BARs may leave the upper 16 address bits unimplemented (reading zero).
-            let mask = u64::from(probe & !0x3) | if probe & 0xffff_0000 == 0 { 0xffff_0000 } else { 0 };
+            // I/O BARs may leave the upper 16 address bits unimplemented (reading zero), but
+            // an implemented one has writable address bits below 16: a probe with none (bit 0
+            // alone) is an unimplemented BAR, not a 64 KiB one.
+            let low = probe & 0xfffc;
+            let mask = if low == 0 {
+                0
+            } else {
+                u64::from(probe & !0x3) | if probe & 0xffff_0000 == 0 { 0xffff_0000 } else { 0 }
+            };
             let size = size_of_mask(mask);
             if size != 0 {
                 let _ = bars.push(Bar { index, kind: BarKind::Io, address: u64::from(orig & !0x3), size });
@@ -255,5 +262,19 @@ mod tests {
         assert_eq!(bad, Some(BadBar { index: 1, raw: 0b110 }));
         // A non-contiguous mask still gives a power of two.
         assert_eq!(size_of_mask(0xffff_0f00), 0x100);
+    }
+
+    #[test]
+    fn io_bars_without_address_bits_are_unimplemented() {
+        // Reads back 0x1 after all ones: the I/O flag and nothing else.
+        let mut f = FakeFunction::new(1, 2, 0, 256);
+        f.set32(regs::BAR0, regs::BAR_IO);
+        // A 16-bit decoder (upper half reads 0) of 256 ports, which is a real BAR.
+        f.bar_io(1, 0xc100, 0x100);
+        let cfg = FakeConfig::new();
+        cfg.add(at(), f);
+        let (bars, _, bad) = size_all(&cfg, at(), 6, None);
+        assert_eq!(bad, None);
+        assert_eq!(bars.as_slice(), &[Bar { index: 1, kind: BarKind::Io, address: 0xc100, size: 0x100 }]);
     }
 }

@@ -342,6 +342,8 @@ pub mod pcie_regs {
     pub const DEVCTL_FLR: u16 = 1 << 15;
     /// Device Control: phantom functions enable.
     pub const DEVCTL_PHANTOM: u16 = 1 << 9;
+    /// Device Control: Enable No Snoop (the device may mark requests No Snoop; reset value 1).
+    pub const DEVCTL_NO_SNOOP: u16 = 1 << 11;
     /// Device Control: Max_Payload_Size (7:5).
     pub const DEVCTL_PAYLOAD: u16 = 0b111 << 5;
     /// Device Control: Max_Read_Request_Size (14:12).

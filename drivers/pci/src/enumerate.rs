@@ -117,6 +117,32 @@ pub enum Problem {
     InventoryFull,
 }
 
+/// Why DMA from a function does not reach the IOMMU under the function's own requester ID,
+/// so the IOMMU cannot tell it from other devices' DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Aliasing {
+    /// The function is not in the inventory: nothing is known about its path.
+    Unknown(PciAddress),
+    /// Below a bridge that takes requests over under an ID of its own: a PCIe-to-PCI/PCI-X
+    /// bridge (or the reverse), or a conventional PCI-to-PCI bridge. Requests from below it
+    /// can carry the bridge's ID or its secondary bus with devfn 0, shared with every device
+    /// beside the function.
+    BehindBridge {
+        /// The bridge.
+        bridge: PciAddress,
+    },
+    /// More than one bridge claims a bus on the path: which one forwards it is unknown.
+    Ambiguous {
+        /// The bus.
+        bus: u8,
+    },
+}
+
+/// PCIe device/port types (PCIe Table 7-17) of bridges that forward requester IDs unchanged:
+/// root port (4), switch upstream port (5), switch downstream port (6).
+const ID_PRESERVING_PORTS: [u8; 3] = [4, 5, 6];
+
 /// A bus range of one segment, as MCFG describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -154,6 +180,36 @@ impl Inventory {
     /// Functions with this vendor and device ID.
     pub fn by_id(&self, vendor: u16, device: u16) -> impl Iterator<Item = &Function> {
         self.functions.iter().filter(move |f| f.vendor == vendor && f.device == device)
+    }
+
+    /// Checks that DMA from `addr` reaches the IOMMU under `addr`'s own requester ID: every
+    /// bridge between it and its root bus must be a PCIe root or switch port (which forward
+    /// IDs unchanged). A device behind a PCIe-to-PCI/PCI-X bridge or a conventional PCI
+    /// bridge shares the bridge's ID with its neighbours (`Aliasing::BehindBridge`).
+    ///
+    /// Only requester-ID aliasing is checked. Peer-to-peer DMA that never reaches the IOMMU
+    /// (between functions of a multi-function device, or below a switch port, without ACS) is
+    /// not: that needs ACS-based isolation groups. Root-complex integrated endpoints and
+    /// devices directly below root ports (QEMU's q35 layout) are isolated by construction.
+    pub fn own_requester_id(&self, addr: PciAddress) -> Result<(), Aliasing> {
+        let f = self.get(addr).ok_or(Aliasing::Unknown(addr))?;
+        let mut bus = f.addr.bus;
+        // Each hop goes to a lower bus (enumeration only follows bridges to higher
+        // secondaries), so 256 hops bound the walk.
+        for _ in 0..256 {
+            let mut parents = self.functions.iter().filter(|b| {
+                b.addr.segment == addr.segment && b.addr.bus < bus && b.bridge.is_some_and(|x| x.secondary == bus)
+            });
+            let Some(parent) = parents.next() else { return Ok(()) };
+            if parents.next().is_some() {
+                return Err(Aliasing::Ambiguous { bus });
+            }
+            if !parent.pcie.is_some_and(|p| ID_PRESERVING_PORTS.contains(&p.port_type)) {
+                return Err(Aliasing::BehindBridge { bridge: parent.addr });
+            }
+            bus = parent.addr.bus;
+        }
+        Err(Aliasing::Ambiguous { bus })
     }
 
     fn problem(&mut self, p: Problem) {
@@ -322,6 +378,50 @@ mod tests {
         assert!(inv.problems.contains(&Problem::BridgeBusInvalid { bridge: PciAddress::new(0, 1, 0), secondary: 0 }));
         assert!(inv.problems.contains(&Problem::BusLoop { bridge: PciAddress::new(0, 3, 0), bus: 3 }));
         assert!(inv.problems.contains(&Problem::BridgeBusInvalid { bridge: PciAddress::new(3, 0, 0), secondary: 1 }));
+        // Two bridges claim bus 3: who forwards its requests is unknown.
+        assert_eq!(inv.own_requester_id(PciAddress::new(3, 0, 0)), Err(Aliasing::Ambiguous { bus: 3 }));
+    }
+
+    /// A type 1 bridge with a PCIe capability of `port_type`.
+    fn pcie_bridge(primary: u8, secondary: u8, subordinate: u8, port_type: u16) -> FakeFunction {
+        let mut b = FakeFunction::bridge(0x1b36, 0x000c, primary, secondary, subordinate);
+        let off = b.pcie();
+        b.set16(off + 2, 0x0002 | port_type << 4);
+        b
+    }
+
+    #[test]
+    fn requester_ids_are_own_only_below_pcie_ports() {
+        let cfg = FakeConfig::new();
+        cfg.add(PciAddress::new(0, 2, 0), edu_like());
+        // Root port (4) → nvme; root port → switch up (5) → down (6) → nvme.
+        cfg.add(PciAddress::new(0, 3, 0), pcie_bridge(0, 1, 1, 4));
+        cfg.add(PciAddress::new(1, 0, 0), nvme_like());
+        cfg.add(PciAddress::new(0, 4, 0), pcie_bridge(0, 2, 4, 4));
+        cfg.add(PciAddress::new(2, 0, 0), pcie_bridge(2, 3, 4, 5));
+        cfg.add(PciAddress::new(3, 0, 0), pcie_bridge(3, 4, 4, 6));
+        cfg.add(PciAddress::new(4, 0, 0), nvme_like());
+        // Root port → PCIe-to-PCI bridge (7) → two conventional devices; a conventional PCI
+        // bridge (no PCIe capability) → one more.
+        cfg.add(PciAddress::new(0, 5, 0), pcie_bridge(0, 5, 6, 4));
+        cfg.add(PciAddress::new(5, 0, 0), pcie_bridge(5, 6, 6, 7));
+        cfg.add(PciAddress::new(6, 1, 0), edu_like());
+        cfg.add(PciAddress::new(6, 2, 0), edu_like());
+        cfg.add(PciAddress::new(0, 6, 0), FakeFunction::bridge(0x1b36, 0x0001, 0, 7, 7));
+        cfg.add(PciAddress::new(7, 1, 0), edu_like());
+        let inv = scan(&cfg);
+        assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+        for ok in [PciAddress::new(0, 2, 0), PciAddress::new(1, 0, 0), PciAddress::new(4, 0, 0)] {
+            assert_eq!(inv.own_requester_id(ok), Ok(()), "{ok}");
+        }
+        for (dev, bridge) in [
+            (PciAddress::new(6, 1, 0), PciAddress::new(5, 0, 0)),
+            (PciAddress::new(6, 2, 0), PciAddress::new(5, 0, 0)),
+            (PciAddress::new(7, 1, 0), PciAddress::new(0, 6, 0)),
+        ] {
+            assert_eq!(inv.own_requester_id(dev), Err(Aliasing::BehindBridge { bridge }), "{dev}");
+        }
+        assert_eq!(inv.own_requester_id(PciAddress::new(9, 0, 0)), Err(Aliasing::Unknown(PciAddress::new(9, 0, 0))));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`perm`]: the shared, compile-time permission tables (which bits are virtual, which the
 //!   guest may write, which are write-1-to-clear) per capability ID.
 //! - [`summary`]: one canonical inventory line per function.
+//! - [`audit`]: an independent, spec-derived check of every hardware write a virtual config
+//!   space makes (tests, fuzzing, the QEMU scenario).
 //! - [`vconfig`]: a device's config space as its guest sees it, driven by those tables, with
 //!   MSI/MSI-X/BAR/command changes reported as [`vconfig::ConfigEvent`]s to the interrupt layer.
 //!
@@ -17,6 +19,7 @@
 #![cfg_attr(not(any(test, feature = "fake")), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bar;
 pub mod caps;
 pub mod enumerate;
@@ -31,7 +34,14 @@ pub mod fake;
 use core::fmt;
 
 /// A PCI function's address: segment group, bus, device, function.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+///
+/// The fields are public (and read all over the kernel), so a value can be built with a device
+/// above 31 or a function above 7. Everything that names hardware uses only the low 5 and 3
+/// bits, as PCI does: comparison, ordering and hashing ([`PciAddress::normalized`]), the
+/// requester ID, the display form and the config-space accessors. Two values that name the
+/// same function are therefore equal, so no table keyed by address can hold one function
+/// twice under two spellings.
+#[derive(Clone, Copy, Default)]
 pub struct PciAddress {
     /// PCI segment group (MCFG).
     pub segment: u16,
@@ -54,15 +64,57 @@ impl PciAddress {
         Self { segment, ..self }
     }
 
+    /// The same function with device and function cut to their widths (5 and 3 bits).
+    pub const fn normalized(self) -> Self {
+        Self { segment: self.segment, bus: self.bus, device: self.device & 0x1f, function: self.function & 7 }
+    }
+
+    /// Device and function as one byte (device 7:3, function 2:0).
+    pub const fn devfn(self) -> u8 {
+        (self.device & 0x1f) << 3 | (self.function & 7)
+    }
+
     /// Bus/device/function as the 16-bit requester ID (source ID) the IOMMU sees.
     pub const fn requester_id(self) -> u16 {
-        (self.bus as u16) << 8 | (self.device as u16) << 3 | self.function as u16
+        (self.bus as u16) << 8 | self.devfn() as u16
+    }
+
+    const fn key(self) -> (u16, u8, u8, u8) {
+        let n = self.normalized();
+        (n.segment, n.bus, n.device, n.function)
+    }
+}
+
+impl PartialEq for PciAddress {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for PciAddress {}
+
+impl PartialOrd for PciAddress {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PciAddress {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl core::hash::Hash for PciAddress {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state)
     }
 }
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.segment, self.bus, self.device, self.function)
+        let n = self.normalized();
+        write!(f, "{:04x}:{:02x}:{:02x}.{}", n.segment, n.bus, n.device, n.function)
     }
 }
 
@@ -75,7 +127,8 @@ impl fmt::Debug for PciAddress {
 #[cfg(feature = "defmt")]
 impl defmt::Format for PciAddress {
     fn format(&self, f: defmt::Formatter) {
-        defmt::write!(f, "{=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8}", self.segment, self.bus, self.device, self.function)
+        let n = self.normalized();
+        defmt::write!(f, "{=u16:04x}:{=u8:02x}:{=u8:02x}.{=u8}", n.segment, n.bus, n.device, n.function)
     }
 }
 
@@ -184,6 +237,23 @@ mod tests {
         assert_eq!(a.requester_id(), 0x01ff);
         assert_eq!(PciAddress::new(0, 0x3f, 9), PciAddress::new(0, 0x1f, 1));
         assert_eq!(a.in_segment(2).to_string(), "0002:01:1f.7");
+    }
+
+    #[test]
+    fn out_of_range_fields_name_the_function_hardware_sees() {
+        // Public fields let a caller spell device 2 as 34 (0x22) and function 1 as 9.
+        let odd = PciAddress { segment: 0, bus: 3, device: 0x22, function: 9 };
+        let real = PciAddress::new(3, 2, 1);
+        assert_eq!(odd, real, "one function, one identity");
+        assert_eq!(odd.cmp(&real), core::cmp::Ordering::Equal);
+        assert_eq!(odd.requester_id(), 0x0311, "never carries into the bus byte");
+        assert_eq!(odd.devfn(), 0x11);
+        assert_eq!(odd.to_string(), "0000:03:02.1");
+        let mut set = std::collections::HashSet::new();
+        set.insert(odd);
+        assert!(!set.insert(real), "hashes alike");
+        assert!(PciAddress::new(3, 2, 2) > odd && PciAddress::new(3, 1, 7) < odd);
+        assert_ne!(odd, real.in_segment(1));
     }
 
     #[test]

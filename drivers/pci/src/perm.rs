@@ -157,15 +157,18 @@ pub static MSIX: [BytePerm; 12] = table(&[
 ]);
 
 /// PCI Express (PCIe §7.5.3). Device control is writable except phantom functions (would
-/// confuse the IOMMU); Max_Payload_Size (shared with the link partner), Max_Read_Request and
-/// initiate-FLR are virtual. Device control 2 is writable except ARI forwarding. Link and
-/// slot control stay read-only. Status registers mark their RW1C bits.
+/// confuse the IOMMU); Max_Payload_Size (shared with the link partner), Max_Read_Request,
+/// initiate-FLR and Enable No Snoop are virtual (No Snoop requests would bypass the CPU caches
+/// on a unit without snoop control: the device keeps it off, see `vconfig`). Device control 2
+/// is writable except ARI forwarding. Link and slot control stay read-only. Status registers
+/// mark their RW1C bits.
 pub static PCIE: [BytePerm; 0x3c] = table(&[
     CAP_HEADER[0],
     field(
         pcie_regs::DEVICE_CONTROL,
         2,
-        (pcie_regs::DEVCTL_FLR | pcie_regs::DEVCTL_PAYLOAD | pcie_regs::DEVCTL_READRQ) as u32,
+        (pcie_regs::DEVCTL_FLR | pcie_regs::DEVCTL_PAYLOAD | pcie_regs::DEVCTL_READRQ | pcie_regs::DEVCTL_NO_SNOOP)
+            as u32,
         (!pcie_regs::DEVCTL_PHANTOM) as u32,
         NONE,
     ),
@@ -269,10 +272,11 @@ mod tests {
         // MSI-X: only enable and function mask, both virtual.
         assert_eq!(MSIX[3], BytePerm { virt: 0xc0, write: 0xc0, rw1c: 0 });
         assert!(MSIX[4..].iter().all(|b| *b == BytePerm::READ_ONLY));
-        // PCIe device control: phantom (bit 9) never writable; FLR/MPS/MRRS virtual.
+        // PCIe device control: phantom (bit 9) never writable; FLR/MPS/MRRS/No Snoop virtual.
         assert_eq!(PCIE[9].write & 0x02, 0);
         assert_eq!(PCIE[8].virt, 0xe0);
-        assert_eq!(PCIE[9].virt, 0xf0);
+        assert_eq!(PCIE[9].virt, 0xf8);
+        assert_eq!(PCIE[9].hw_write(), 0x05, "extended tag and aux power reach hardware, nothing else");
         assert_eq!(PCIE[0x10].write, 0, "link control read-only");
         assert_eq!(PCIE[0x28].write & 0x20, 0, "ARI forwarding not writable");
         // PM: power state virtual.

@@ -148,7 +148,8 @@ impl Attrs {
         if options.format == Format::VtdSecondLevel {
             let w = if self.write == Write::Allow { VTD_WRITE } else { 0 };
             let ps = if size == PageSize::Size4K { 0 } else { VTD_PAGE_SIZE };
-            return VTD_READ | w | ps;
+            let snp = if options.snoop { VTD_SNOOP } else { 0 };
+            return VTD_READ | w | ps | snp;
         }
         let mut e = Pte::PRESENT;
         if self.write == Write::Allow {
@@ -190,8 +191,9 @@ impl Attrs {
 pub enum Format {
     /// x86-64 paging: P, R/W, U/S, PWT/PCD, PS, XD.
     X86,
-    /// VT-d second-level paging: R (bit 0), W (bit 1), PS (bit 7); a non-leaf entry is R|W.
-    /// Execute and memory type are not used (DMA is snooped; no execute requests).
+    /// VT-d second-level paging: R (bit 0), W (bit 1), PS (bit 7), SNP (bit 11, leaves, with
+    /// `Options::snoop`); a non-leaf entry is R|W. Execute and memory type are not used (no
+    /// execute requests; SNP forces snooping where the unit has snoop control).
     VtdSecondLevel,
 }
 
@@ -208,12 +210,16 @@ pub struct Options {
     pub format: Format,
     /// Levels: 4 for x86-64; 3 (39-bit), 4 (48-bit) or 5 (57-bit) for VT-d (SAGAW).
     pub levels: u8,
+    /// VT-d only: set SNP (bit 11) in every leaf, so the unit snoops the CPU caches for DMA to
+    /// the page whatever the request's No Snoop attribute. Only for units with snoop control
+    /// (ECAP.SC); without it the bit is reserved. Ignored for x86-64.
+    pub snoop: bool,
 }
 
 impl Options {
     /// x86-64 paging with 4 levels.
     pub const fn x86(no_execute: bool, largest_page: PageSize) -> Self {
-        Self { no_execute, largest_page, format: Format::X86, levels: 4 }
+        Self { no_execute, largest_page, format: Format::X86, levels: 4, snoop: false }
     }
 
     /// VT-d second-level paging with `levels` levels, clamped to what the format defines
@@ -226,7 +232,13 @@ impl Options {
         } else {
             levels
         };
-        Self { no_execute: false, largest_page, format: Format::VtdSecondLevel, levels }
+        Self { no_execute: false, largest_page, format: Format::VtdSecondLevel, levels, snoop: false }
+    }
+
+    /// The same options with SNP set in VT-d leaves (`snoop`), for units with snoop control.
+    pub const fn with_snoop(mut self, snoop: bool) -> Self {
+        self.snoop = snoop;
+        self
     }
 
     /// First address beyond what the tree translates: the canonical lower half for x86-64,
@@ -269,6 +281,9 @@ pub const VTD_READ: u64 = 1 << 0;
 pub const VTD_WRITE: u64 = 1 << 1;
 /// VT-d second-level entry: page size (a 2 MiB or 1 GiB leaf).
 pub const VTD_PAGE_SIZE: u64 = 1 << 7;
+/// VT-d second-level leaf: snoop (SNP): DMA to the page snoops the CPU caches even when the
+/// request carries the No Snoop attribute (VT-d spec §9.8; needs ECAP.SC).
+pub const VTD_SNOOP: u64 = 1 << 11;
 
 /// Where the tables live. The kernel implements it over the identity map; tests over a map.
 pub trait TableMemory {
@@ -780,6 +795,31 @@ mod tests {
         t.unmap(0x20_0000, 0x1000).unwrap();
         assert_eq!(t.translate(0x20_0000), None);
         assert_eq!(t.translate(0x20_1000).unwrap().attrs, Attrs::DMA_READ_WRITE, "split keeps the rest");
+    }
+
+    #[test]
+    fn vtd_snoop_sets_snp_in_leaves_only() {
+        let opts = Options::vtd(3, PageSize::Size2M).with_snoop(true);
+        let mut t = PageTable::new(FakeTables::default(), opts).unwrap();
+        t.map(0x1000, 0x5000, 0x1000, Attrs::DMA_READ, PageSize::Size4K).unwrap();
+        t.map(0x20_0000, 0x40_0000, 0x20_0000, Attrs::DMA_READ_WRITE, PageSize::Size2M).unwrap();
+        let root = t.root();
+        let l3 = t.memory().tables[&root][0];
+        assert_eq!(l3 & VTD_SNOOP, 0, "non-leaf entries never carry SNP");
+        let pd = l3 & ADDR_MASK;
+        assert_eq!(t.memory().tables[&pd][1], 0x40_0000 | VTD_READ | VTD_WRITE | VTD_PAGE_SIZE | VTD_SNOOP);
+        let pt = t.memory().tables[&pd][0] & ADDR_MASK;
+        assert_eq!(t.memory().tables[&pt][1], 0x5000 | VTD_READ | VTD_SNOOP);
+        // A split keeps SNP on every small leaf.
+        t.unmap(0x20_0000, 0x1000).unwrap();
+        let pt2 = t.memory().tables[&pd][1] & ADDR_MASK;
+        assert!(t.memory().tables[&pt2][1..].iter().all(|e| e & VTD_SNOOP != 0));
+        // Without snoop control, bit 11 (reserved then) stays clear.
+        let mut t = PageTable::new(FakeTables::default(), Options::vtd(3, PageSize::Size2M)).unwrap();
+        t.map(0x1000, 0x5000, 0x1000, Attrs::DMA_READ, PageSize::Size4K).unwrap();
+        let l3 = t.memory().tables[&t.root()][0] & ADDR_MASK;
+        let pt = t.memory().tables[&l3][0] & ADDR_MASK;
+        assert_eq!(t.memory().tables[&pt][1] & VTD_SNOOP, 0);
     }
 
     #[derive(Debug, Clone)]

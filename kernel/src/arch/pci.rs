@@ -26,9 +26,15 @@ pub struct PlatformConfig {
 }
 
 impl PlatformConfig {
-    /// ECAM through `windows` (already mapped uncached), legacy ports for segment 0 buses no
-    /// window covers when `legacy_fallback`.
-    pub fn new(windows: &[EcamWindow], legacy_fallback: bool) -> Self {
+    /// ECAM through `windows`, legacy ports for segment 0 buses no window covers when
+    /// `legacy_fallback`.
+    ///
+    /// # Safety
+    ///
+    /// Every window must be identity-mapped uncached in the kernel's tables (every byte of
+    /// it) and stay mapped for as long as the value is used, and must be an MCFG ECAM window:
+    /// device config registers, never RAM. `read`/`write` access it through raw pointers.
+    pub unsafe fn new(windows: &[EcamWindow], legacy_fallback: bool) -> Self {
         Self { windows: windows.iter().copied().collect(), legacy_fallback }
     }
 
@@ -40,22 +46,14 @@ impl PlatformConfig {
     fn ecam(&self, addr: PciAddress, offset: u16) -> Option<u64> {
         let w =
             self.windows.iter().find(|w| w.segment == addr.segment && (w.start_bus..=w.end_bus).contains(&addr.bus))?;
-        Some(
-            w.base
-                + (u64::from(addr.bus) << 20)
-                + (u64::from(addr.device) << 15)
-                + (u64::from(addr.function) << 12)
-                + u64::from(offset & 0xfff),
-        )
+        // `devfn` keeps device and function to their widths: the address stays inside the
+        // bus's 1 MiB of the window whatever the caller put in the fields.
+        Some(w.base + (u64::from(addr.bus) << 20) + (u64::from(addr.devfn()) << 12) + u64::from(offset & 0xfff))
     }
 
     fn legacy(&self, addr: PciAddress, offset: u16) -> Option<u32> {
         (self.legacy_fallback && addr.segment == 0 && offset < CONFIG_SIZE).then(|| {
-            CONFIG_ENABLE
-                | u32::from(addr.bus) << 16
-                | u32::from(addr.device) << 11
-                | u32::from(addr.function) << 8
-                | u32::from(offset & 0xfc)
+            CONFIG_ENABLE | u32::from(addr.bus) << 16 | u32::from(addr.devfn()) << 8 | u32::from(offset & 0xfc)
         })
     }
 }
@@ -67,9 +65,9 @@ impl ConfigSpace for PlatformConfig {
         }
         if let Some(pa) = self.ecam(addr, offset) {
             // SAFETY:
-            // 1. `pa` lies in an MCFG ECAM window that bring-up mapped uncached (identity)
-            //    before building this value; the access is naturally aligned (checked above)
-            //    and inside the function's 4 KiB.
+            // 1. `pa` lies in an MCFG ECAM window that is mapped uncached (identity) for as
+            //    long as this value exists (`new`'s contract); the access is naturally aligned
+            //    (checked above) and inside the function's 4 KiB (`ecam` masks every field).
             // 2. ECAM reads have no side effects beyond the device's own register semantics,
             //    which is what a config read means.
             return unsafe {
@@ -103,7 +101,12 @@ impl ConfigSpace for PlatformConfig {
             return;
         }
         if let Some(pa) = self.ecam(addr, offset) {
-            // SAFETY: as in `read`: a mapped, aligned ECAM register of this function.
+            // SAFETY:
+            // 1. `pa` lies in an MCFG ECAM window mapped uncached for as long as this value
+            //    exists (`new`'s contract); the access is naturally aligned (checked above) and
+            //    inside the function's 4 KiB (`ecam` masks every field).
+            // 2. The write reaches only that config register: device register semantics, no
+            //    Rust object is behind it.
             unsafe {
                 match width {
                     Width::Byte => core::ptr::write_volatile(pa as *mut u8, value as u8),
@@ -116,7 +119,11 @@ impl ConfigSpace for PlatformConfig {
         let Some(cf8) = self.legacy(addr, offset) else { return };
         let _serialized = LEGACY.lock();
         let data = CONFIG_DATA + (offset & 3);
-        // SAFETY: as in `read`.
+        // SAFETY:
+        // 1. 0xCF8/0xCFC are the PCI configuration mechanism #1 ports; the lock makes the
+        //    address write and the data access one unit with respect to other CPUs.
+        // 2. `data` is 0xCFC plus the byte offset inside the dword, as the mechanism requires
+        //    for byte and word accesses (alignment checked above).
         unsafe {
             Port::<u32>::new(CONFIG_ADDRESS).write(cf8);
             match width {

@@ -430,15 +430,16 @@ pub fn start(index: usize) -> Result<(), BuildError> {
             asid: p.asid,
         });
         s.set_state(VcpuState::Starting);
-        if usize::from(cpu) != here {
-            if let Err(e) = crate::arch::smp::run_on(usize::from(cpu), &run::VCPU_WORK) {
-                defmt::error!("vmm: cpu {=u8}: launching a vCPU: {}", cpu, e);
-                // Take the launch back unless the CPU already took it (then it runs).
-                if s.launch.lock().take().is_some() {
-                    s.owner.store(0, Ordering::Release);
-                    s.set_state(VcpuState::Idle);
-                    return Err(BuildError::Launch(cpu));
-                }
+        if usize::from(cpu) == here {
+            continue;
+        }
+        if let Err(e) = crate::arch::smp::run_on(usize::from(cpu), &run::VCPU_WORK) {
+            defmt::error!("vmm: cpu {=u8}: launching a vCPU: {}", cpu, e);
+            // Take the launch back unless the CPU already took it (then it runs).
+            if s.launch.lock().take().is_some() {
+                s.owner.store(0, Ordering::Release);
+                s.set_state(VcpuState::Idle);
+                return Err(BuildError::Launch(cpu));
             }
         }
     }

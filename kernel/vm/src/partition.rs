@@ -352,8 +352,16 @@ impl Field {
     }
 
     fn from_key(key: &str) -> Option<Self> {
-        let keys =
-            [Self::Guest, Self::Memory, Self::Cpus, Self::Devices, Self::Doorbell, Self::Console, Self::Arg, Self::Vdevs];
+        let keys = [
+            Self::Guest,
+            Self::Memory,
+            Self::Cpus,
+            Self::Devices,
+            Self::Doorbell,
+            Self::Console,
+            Self::Arg,
+            Self::Vdevs,
+        ];
         keys.into_iter().find(|k| k.keyword() == key)
     }
 

@@ -28,7 +28,7 @@ pub struct ConfigRef {
 /// The register an ECAM access at `offset` into the window names; `None` for a width other
 /// than 1, 2, 4, a misaligned access, or an offset outside bus 0.
 pub fn ecam(offset: u64, width: u8) -> Option<ConfigRef> {
-    if offset >= layout::ECAM_BYTES || !matches!(width, 1 | 2 | 4) || offset % u64::from(width) != 0 {
+    if offset >= layout::ECAM_BYTES || !matches!(width, 1 | 2 | 4) || !offset.is_multiple_of(u64::from(width)) {
         return None;
     }
     Some(ConfigRef {
@@ -76,7 +76,8 @@ impl Mechanism1 {
             return None;
         }
         let byte = (port - CONFIG_DATA) as u8;
-        if self.latch & ENABLE == 0 || (self.latch >> 16) & 0xff != 0 || byte + width > 4 || byte % width != 0 {
+        if self.latch & ENABLE == 0 || (self.latch >> 16) & 0xff != 0 || byte + width > 4 || !byte.is_multiple_of(width)
+        {
             return None;
         }
         Some(ConfigRef {

@@ -97,7 +97,7 @@ impl Notify {
     /// A configuration read of `width` (1, 2, 4) bytes at `offset` (within 4 KiB; unaligned
     /// or out-of-range reads return all ones).
     pub fn config_read(&self, offset: u16, width: u8) -> u32 {
-        if !matches!(width, 1 | 2 | 4) || offset % u16::from(width) != 0 || offset >= 0x1000 {
+        if !matches!(width, 1 | 2 | 4) || !offset.is_multiple_of(u16::from(width)) || offset >= 0x1000 {
             return u32::MAX;
         }
         let shift = u32::from(offset & 3) * 8;
@@ -111,7 +111,7 @@ impl Notify {
 
     /// A configuration write; returns what changed.
     pub fn config_write(&mut self, offset: u16, width: u8, value: u32) -> NotifyEvent {
-        if !matches!(width, 1 | 2 | 4) || offset % u16::from(width) != 0 || offset >= 0x1000 {
+        if !matches!(width, 1 | 2 | 4) || !offset.is_multiple_of(u16::from(width)) || offset >= 0x1000 {
             return NotifyEvent::None;
         }
         // Merge into the dword, then apply the writable bits of the registers touched.
@@ -228,10 +228,7 @@ mod tests {
     #[test]
     fn msix_control_and_registers() {
         let mut n = Notify::new();
-        assert_eq!(
-            n.config_write(0x42, 2, 0xc000),
-            NotifyEvent::MsixControl { enabled: true, function_masked: true }
-        );
+        assert_eq!(n.config_write(0x42, 2, 0xc000), NotifyEvent::MsixControl { enabled: true, function_masked: true });
         assert_eq!(n.config_read(0x42, 2), 0xc003);
         assert_eq!(
             n.config_write(0x40, 4, 0x8000_0000),

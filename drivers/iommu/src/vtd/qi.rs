@@ -7,6 +7,13 @@ pub const DESCRIPTORS_PER_PAGE: u64 = 256;
 /// Bytes per descriptor.
 pub const DESCRIPTOR_BYTES: u64 = 16;
 
+/// Descriptor type of an IOTLB invalidation (bits 3:0).
+pub const TYPE_IOTLB: u64 = 0x2;
+/// IOTLB invalidation: drain writes (DW, bit 6; only with CAP.DWD).
+pub const IOTLB_DRAIN_WRITES: u64 = 1 << 6;
+/// IOTLB invalidation: drain reads (DR, bit 7; only with CAP.DRD).
+pub const IOTLB_DRAIN_READS: u64 = 1 << 7;
+
 /// Context-cache invalidation, global granularity (§6.5.2.1).
 pub const fn context_global() -> (u64, u64) {
     (0x1 | 1 << 4, 0)
@@ -17,14 +24,15 @@ pub const fn context_device(domain: u16, source_id: u16) -> (u64, u64) {
     (0x1 | 3 << 4 | (domain as u64) << 16 | (source_id as u64) << 32, 0)
 }
 
-/// IOTLB invalidation, global (§6.5.2.2), draining reads and writes.
+/// IOTLB invalidation, global (§6.5.2.2), draining reads and writes (the unit drops the
+/// drain bits its CAP does not offer before submitting).
 pub const fn iotlb_global() -> (u64, u64) {
-    (0x2 | 1 << 4 | 1 << 6 | 1 << 7, 0)
+    (TYPE_IOTLB | 1 << 4 | IOTLB_DRAIN_WRITES | IOTLB_DRAIN_READS, 0)
 }
 
-/// IOTLB invalidation of one domain.
+/// IOTLB invalidation of one domain, draining reads and writes (as `iotlb_global`).
 pub const fn iotlb_domain(domain: u16) -> (u64, u64) {
-    (0x2 | 2 << 4 | 1 << 6 | 1 << 7 | (domain as u64) << 16, 0)
+    (TYPE_IOTLB | 2 << 4 | IOTLB_DRAIN_WRITES | IOTLB_DRAIN_READS | (domain as u64) << 16, 0)
 }
 
 /// Interrupt entry cache invalidation, global (§6.5.2.7).

@@ -184,6 +184,14 @@ impl Cap {
     pub const fn mamv(self) -> u8 {
         ((self.0 >> 48) & 0x3f) as u8
     }
+    /// Write draining: IOTLB invalidations may ask the unit to drain writes (DW).
+    pub const fn write_drain(self) -> bool {
+        self.0 & (1 << 54) != 0
+    }
+    /// Read draining: IOTLB invalidations may ask the unit to drain reads (DR).
+    pub const fn read_drain(self) -> bool {
+        self.0 & (1 << 55) != 0
+    }
 }
 
 /// Extended capability register, decoded (§11.4.3).
@@ -281,8 +289,18 @@ mod tests {
     #[test]
     fn decodes_qemu_capabilities() {
         // ND=2 (256 domains), SAGAW=0b00010, MGAW=38 (39-bit), FRO=0x22, SLLPS=0b11, PSI, NFR=0,
-        // MAMV=0x12.
-        let cap = Cap(2 | (0b00010 << 8) | (38 << 16) | (0x22 << 24) | (0b11 << 34) | (1 << 39) | (0x12 << 48));
+        // MAMV=0x12, DWD (54) and DRD (55), RWBF (4) clear.
+        let cap = Cap(2
+            | (0b00010 << 8)
+            | (38 << 16)
+            | (0x22 << 24)
+            | (0b11 << 34)
+            | (1 << 39)
+            | (0x12 << 48)
+            | (0b11 << 54));
+        assert!(cap.write_drain() && cap.read_drain() && !cap.rwbf());
+        assert!(Cap(1 << 4).rwbf());
+        assert!(Cap(1 << 55).read_drain() && !Cap(1 << 55).write_drain());
         assert_eq!(cap.domains(), 256);
         assert_eq!(cap.sagaw(), 0b00010);
         assert_eq!(cap.mgaw(), 39);

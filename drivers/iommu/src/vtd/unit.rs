@@ -26,6 +26,10 @@ pub const IRT_ENTRIES: u16 = 256;
 /// Retired table frames a domain keeps in a list of its own; more are chained through the
 /// frames themselves.
 pub const RETIRED_INLINE: usize = 256;
+/// Passes a fault drain makes over the recording registers at most: further passes only while
+/// FSTS.PPF stays set (a fault recorded into a register the pass had already read raises no
+/// new interrupt), and never unbounded, so a device flooding faults cannot hold the handler.
+pub const DRAIN_PASSES: u32 = 4;
 
 /// Second-level tables of one domain, in DMA memory.
 #[derive(Debug)]
@@ -175,8 +179,10 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         } else {
             return Err(IommuError::Unsupported("a 3- or 4-level second-level table (SAGAW)"));
         };
-        let largest = match cap.sllps() {
-            s if s & 0b10 != 0 => PageSize::Size1G,
+        // The tables use every size up to `largest`: 1 GiB leaves only when 2 MiB ones are
+        // supported too (SLLPS bit 0: 21-bit, bit 1: 30-bit offsets).
+        let largest = match cap.sllps() & 0b11 {
+            0b11 => PageSize::Size1G,
             s if s & 0b01 != 0 => PageSize::Size2M,
             _ => PageSize::Size4K,
         };
@@ -264,20 +270,28 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         Err(IommuError::Timeout(what))
     }
 
-    /// Brings the unit up: turns off whatever firmware left on, installs an empty root table
-    /// (every device blocked), starts queued invalidation, invalidates every cache, routes
-    /// fault events to `fault`, installs the interrupt remapping table and enables interrupt
-    /// remapping with compatibility-format interrupts blocked (when `remap_interrupts` and the
-    /// unit supports it), and finally enables DMA translation.
+    /// Brings the unit up: takes over the invalidation queue (firmware's queue stops, this
+    /// driver's starts), installs an empty root table (every device blocked) and invalidates
+    /// every cache, routes fault events to `fault`, installs the interrupt remapping table and
+    /// enables interrupt remapping with compatibility-format interrupts blocked (when
+    /// `remap_interrupts` and the unit supports it), and finally enables DMA translation.
+    ///
+    /// Translation firmware left on stays on throughout: the new root table replaces
+    /// firmware's while TE is set (GCMD.SRTP allows it), followed by global context-cache and
+    /// IOTLB invalidations, so there is never a moment in which DMA goes untranslated.
+    /// Interrupt remapping firmware left on stays on the same way while its table is replaced
+    /// (SIRTP, then a global IEC invalidation) — unless this unit will not remap interrupts:
+    /// then it goes off, since its table is firmware's memory.
     pub fn enable(&mut self, fault: FaultEvent, remap_interrupts: bool) -> Result<(), IommuError> {
-        let st = self.status();
-        if st.contains(Gsts::TES) {
-            self.command(Gcmd::TE, false, "disable translation")?;
+        if remap_interrupts && !self.ecap.interrupt_remapping() {
+            return Err(IommuError::Unsupported("interrupt remapping"));
         }
-        if st.contains(Gsts::IRES) {
+        let st = self.status();
+        if st.contains(Gsts::IRES) && !remap_interrupts {
             self.command(Gcmd::IRE, false, "disable interrupt remapping")?;
         }
         if st.contains(Gsts::QIES) {
+            // Firmware's queue: IQA changes only while queued invalidation is off.
             self.command(Gcmd::QIE, false, "disable queued invalidation")?;
         }
         // A queue error left by firmware or an earlier kernel stops the unit from fetching
@@ -286,17 +300,20 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         if stale != 0 {
             self.regs.write32(regs::FSTS, stale);
         }
-        // Root table: all entries not present.
-        self.root = self.alloc(1)?;
-        self.regs.write64(regs::RTADDR, self.root);
-        self.command(Gcmd::SRTP, true, "set root table pointer")?;
         // Invalidation queue: one page, 256 descriptors, 128-bit format; a completion word.
+        // First, because switching the root table under live translation needs it.
         self.queue = self.alloc(1)?;
         self.status = self.alloc(1)?;
         self.ring = Ring::new(1);
         self.regs.write64(regs::IQT, 0);
         self.regs.write64(regs::IQA, self.queue);
         self.command(Gcmd::QIE, true, "enable queued invalidation")?;
+        // Root table: all entries not present. Cached entries of firmware's tables go with the
+        // global invalidations.
+        self.root = self.alloc(1)?;
+        self.flush_write_buffer()?;
+        self.regs.write64(regs::RTADDR, self.root);
+        self.command(Gcmd::SRTP, true, "set root table pointer")?;
         self.invalidate(&[qi::context_global(), qi::iotlb_global()])?;
         // Fault events: clear old records, then unmask. FECTL bits 29:0 are reserved and
         // preserved (RsvdP), IP (30) is read-only: only IM changes.
@@ -307,13 +324,11 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         let fectl = self.regs.read32(regs::FECTL);
         self.regs.write32(regs::FECTL, fectl & !(regs::FECTL_IM | regs::FECTL_IP));
         if remap_interrupts {
-            if !self.ecap.interrupt_remapping() {
-                return Err(IommuError::Unsupported("interrupt remapping"));
-            }
             self.irt_x2apic = false;
             self.irt = self.alloc(u64::from(IRT_ENTRIES) * 16 / 4096)?;
             // S: 2^(S+1) entries. xAPIC destination format (no EIME).
             let s = u64::from(IRT_ENTRIES.trailing_zeros()) - 1;
+            self.flush_write_buffer()?;
             self.regs.write64(regs::IRTA, self.irt | s);
             self.command(Gcmd::SIRTP, true, "set interrupt remapping table pointer")?;
             self.invalidate(&[qi::iec_global()])?;
@@ -325,12 +340,49 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
         self.command(Gcmd::TE, true, "enable translation")
     }
 
+    /// Units with CAP.RWBF buffer writes to memory-resident structures: flush the write
+    /// buffer (GCMD.WBF, then wait, bounded, for GSTS.WBFS to clear) so the unit sees every
+    /// table change made so far. Nothing to do on other units.
+    fn flush_write_buffer(&mut self) -> Result<(), IommuError> {
+        if !self.cap.rwbf() {
+            return Ok(());
+        }
+        let persistent = self.regs.read32(regs::GSTS) & regs::GSTS_PERSISTENT;
+        self.regs.write32(regs::GCMD, persistent | Gcmd::WBF.bits());
+        for _ in 0..POLL_LIMIT {
+            if self.regs.read32(regs::GSTS) & Gsts::WBFS.bits() == 0 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(IommuError::Timeout("write buffer flush"))
+    }
+
+    /// `desc` as this unit may take it: an IOTLB invalidation asks for read and write
+    /// draining only where CAP.DRD / CAP.DWD offer them.
+    fn adapted(&self, (lo, hi): (u64, u64)) -> (u64, u64) {
+        if lo & 0xf != qi::TYPE_IOTLB {
+            return (lo, hi);
+        }
+        let mut lo = lo;
+        if !self.cap.read_drain() {
+            lo &= !qi::IOTLB_DRAIN_READS;
+        }
+        if !self.cap.write_drain() {
+            lo &= !qi::IOTLB_DRAIN_WRITES;
+        }
+        (lo, hi)
+    }
+
     /// Submits `descriptors` followed by a wait descriptor and waits (bounded) for the unit to
-    /// write the completion word. Checks FSTS for queue errors: a descriptor the unit refuses
+    /// write the completion word. Table changes made before the call are made visible first
+    /// (write-buffer flush where CAP.RWBF asks for it); IOTLB descriptors drain reads and
+    /// writes only where the unit offers it. Checks FSTS for queue errors: a descriptor the unit refuses
     /// (IQE; IQH points at it and the unit fetches it again once IQE is cleared) is replaced
     /// by a harmless one before IQE is cleared, so the queue never wedges; the call still
     /// fails with `QueueError`, after the wait completed.
     pub fn invalidate(&mut self, descriptors: &[(u64, u64)]) -> Result<(), IommuError> {
+        self.flush_write_buffer()?;
         self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
         let seq = self.wait_seq;
         self.mem.write64(self.status, 0);
@@ -345,7 +397,8 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
             core::hint::spin_loop();
         }
         let mut wait_at = 0;
-        for &(lo, hi) in descriptors.iter().chain(core::iter::once(&qi::wait(self.status, seq))) {
+        for &d in descriptors.iter().chain(core::iter::once(&qi::wait(self.status, seq))) {
+            let (lo, hi) = self.adapted(d);
             wait_at = self.queue + self.ring.push();
             self.mem.write64(wait_at, lo);
             self.mem.write64(wait_at + 8, hi);
@@ -418,7 +471,8 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
 
     fn context_slot(&self, dev: PciAddress) -> Option<u64> {
         let table = self.context_tables[usize::from(dev.bus)];
-        (table != 0).then(|| table + 16 * u64::from(dev.device << 3 | dev.function))
+        // `devfn` keeps device and function to their widths: the slot stays inside the table.
+        (table != 0).then(|| table + 16 * u64::from(dev.devfn()))
     }
 
     /// Where `dev`'s entry `handle` lives; `NoSuchInterrupt` when it is free or another
@@ -466,7 +520,11 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
             .find(|&id| self.domains.iter().all(|d| d.id != id))
             .ok_or(IommuError::Exhausted("domain IDs"))?;
         let mem = DomainTables::new(self.mem.clone(), self.ecap.coherent(), self.limit);
-        let tables = PageTable::new(mem, Options::vtd(self.levels, self.largest))?;
+        // With snoop control, every leaf forces snooping (SNP): a device's No Snoop requests
+        // cannot bypass the CPU caches. Without it the bit is reserved; the virtual config
+        // space keeps Enable No Snoop off in the device instead.
+        let options = Options::vtd(self.levels, self.largest).with_snoop(self.ecap.snoop_control());
+        let tables = PageTable::new(mem, options)?;
         let _ = self.domains.push(Domain { id, tables });
         Ok(id)
     }
@@ -478,8 +536,11 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
         let i = self.domains.iter().position(|d| d.id == domain).ok_or(IommuError::NoSuchDomain(domain))?;
         let d = self.domains.swap_remove(i);
         let mut mem = d.tables.destroy();
-        // No device uses the domain; flush its IOTLB entries before the frames are reused.
-        self.invalidate(&[qi::iotlb_domain(domain)])?;
+        // No device uses the domain now, but a context-cache entry of one may survive: a
+        // detach whose invalidation failed, or firmware's. The frames are reused only after
+        // the context cache (globally) and the domain's IOTLB entries are gone; if that
+        // fails, they are never reused (leaked, safely).
+        self.invalidate(&[qi::context_global(), qi::iotlb_domain(domain)])?;
         mem.reclaim();
         Ok(())
     }
@@ -652,38 +713,57 @@ pub struct Drained {
     pub records: u32,
     /// The unit had overflowed (faults were lost before this drain).
     pub overflowed: bool,
+    /// FSTS.PPF still read 1 after the last pass: faults are left in the registers and no
+    /// interrupt will announce them (drain again later).
+    pub pending: bool,
 }
 
 impl<R: VtdRegs> FaultReader<R> {
-    /// Reads every pending record (at most one pass over the registers), clears each F bit
-    /// (write 1), then clears the overflow bit PFO if it was set. Never PPF (read-only), never
-    /// FRI, never the queue errors IQE/ICE/ITE: those belong to `VtdUnit::invalidate`.
+    /// Reads every pending record, clears each F bit (write 1), then clears the overflow bit
+    /// PFO if it was set. Never PPF (read-only), never FRI, never the queue errors IQE/ICE/ITE:
+    /// those belong to `VtdUnit::invalidate`. After a pass over the registers, another pass
+    /// follows while FSTS.PPF still reads 1 (a fault recorded meanwhile into a register the
+    /// pass had already read: it raises no new interrupt), at most `DRAIN_PASSES` in all;
+    /// `Drained::pending` reports faults left after the last one.
     pub fn drain(&self, sink: &mut dyn FnMut(Fault)) -> Drained {
-        let fsts = self.regs.read32(regs::FSTS);
-        let mut out = Drained { overflowed: fsts & regs::Fsts::PFO.bits() != 0, ..Drained::default() };
-        if self.records > 0 {
-            let first = (fsts >> regs::FSTS_FRI_SHIFT) & 0xff;
-            for k in 0..self.records {
-                let i = (first + k) % self.records;
-                let at = self.offset + 16 * u64::from(i);
-                let hi = self.regs.read64(at + 8);
-                let Some(r) = FaultRecord::decode(self.regs.read64(at), hi) else { continue };
-                // F is bit 31 of the upper dword; the rest of that dword is read-only.
-                self.regs.write32(at + 12, 1 << 31);
-                out.records += 1;
-                let kind = if r.is_interrupt() {
-                    FaultKind::Interrupt { index: (r.info >> 48) as u16 }
-                } else {
-                    FaultKind::Dma { address: r.info, write: !r.read }
-                };
-                sink(Fault { source_id: r.source_id, reason: r.reason, kind });
+        let mut out = Drained::default();
+        for _ in 0..DRAIN_PASSES {
+            let fsts = self.regs.read32(regs::FSTS);
+            out.overflowed |= fsts & regs::Fsts::PFO.bits() != 0;
+            self.pass(fsts, &mut out, sink);
+            let clear = fsts & regs::Fsts::PFO.bits();
+            if clear != 0 {
+                self.regs.write32(regs::FSTS, clear);
+            }
+            out.pending = self.regs.read32(regs::FSTS) & regs::Fsts::PPF.bits() != 0;
+            if !out.pending {
+                break;
             }
         }
-        let clear = fsts & regs::Fsts::PFO.bits();
-        if clear != 0 {
-            self.regs.write32(regs::FSTS, clear);
-        }
         out
+    }
+
+    /// One pass over the recording registers, from the index FSTS.FRI names.
+    fn pass(&self, fsts: u32, out: &mut Drained, sink: &mut dyn FnMut(Fault)) {
+        if self.records == 0 {
+            return;
+        }
+        let first = (fsts >> regs::FSTS_FRI_SHIFT) & 0xff;
+        for k in 0..self.records {
+            let i = (first + k) % self.records;
+            let at = self.offset + 16 * u64::from(i);
+            let hi = self.regs.read64(at + 8);
+            let Some(r) = FaultRecord::decode(self.regs.read64(at), hi) else { continue };
+            // F is bit 31 of the upper dword; the rest of that dword is read-only.
+            self.regs.write32(at + 12, 1 << 31);
+            out.records += 1;
+            let kind = if r.is_interrupt() {
+                FaultKind::Interrupt { index: (r.info >> 48) as u16 }
+            } else {
+                FaultKind::Dma { address: r.info, write: !r.read }
+            };
+            sink(Fault { source_id: r.source_id, reason: r.reason, kind });
+        }
     }
 }
 
@@ -720,12 +800,12 @@ mod tests {
         let (regs, u) = enabled();
         let s = regs.state.borrow();
         let cmds: std::vec::Vec<u32> = s.gcmd_writes.clone();
-        // SRTP, QIE, SIRTP, IRE, TE — each write is the persistent enables plus one bit.
+        // QIE, SRTP, SIRTP, IRE, TE — each write is the persistent enables plus one bit.
         assert_eq!(
             cmds,
             [
-                Gcmd::SRTP.bits(),
                 Gcmd::QIE.bits(),
+                Gcmd::QIE.bits() | Gcmd::SRTP.bits(),
                 Gcmd::QIE.bits() | Gcmd::SIRTP.bits(),
                 Gcmd::QIE.bits() | Gcmd::IRE.bits(),
                 Gcmd::QIE.bits() | Gcmd::IRE.bits() | Gcmd::TE.bits(),
@@ -747,13 +827,39 @@ mod tests {
     }
 
     #[test]
-    fn firmware_state_is_turned_off_first() {
+    fn translation_left_on_by_firmware_never_goes_off() {
         let (regs, mut u) = unit();
-        regs.state.borrow_mut().regs32.insert(regs::GSTS, (Gsts::TES | Gsts::QIES).bits());
+        // Firmware (pre-boot DMA protection) left translation, the queue and interrupt
+        // remapping on, with its own root table.
+        let fw = (Gsts::TES | Gsts::QIES | Gsts::IRES).bits();
+        regs.state.borrow_mut().regs32.insert(regs::GSTS, fw);
+        regs.state.borrow_mut().regs64.insert(regs::RTADDR, 0x7777_0000);
+        u.enable(FAULT, true).unwrap();
+        let s = regs.state.borrow();
+        for c in &s.gcmd_writes {
+            assert_ne!(c & Gcmd::TE.bits(), 0, "TE cleared by {c:#x}: DMA would go untranslated");
+            assert_ne!(c & Gcmd::IRE.bits(), 0, "IRE cleared by {c:#x}: interrupts would go unremapped");
+        }
+        assert_eq!(s.gcmd_writes[0], (Gcmd::TE | Gcmd::IRE).bits(), "firmware's queue stops first");
+        assert_eq!(s.gcmd_writes[1], (Gcmd::TE | Gcmd::IRE | Gcmd::QIE).bits(), "then this driver's starts");
+        let srtp = s.gcmd_writes.iter().position(|c| c & Gcmd::SRTP.bits() != 0).unwrap();
+        assert!(srtp > 1, "the root table is switched once the queue can invalidate");
+        assert_eq!(s.regs64[&regs::RTADDR], u.root);
+        // The switch is followed by global context-cache and IOTLB invalidations.
+        let types: std::vec::Vec<u64> = s.descriptors.iter().map(|d| d & 0x3f).collect();
+        assert_eq!(types[..3], [qi::context_global().0, qi::iotlb_global().0 & 0x3f, 0x25]);
+        drop(s);
+        // Every device is blocked by the new (empty) root table.
+        assert_eq!(regs.translate(0x10, 0x1000, false), Err(0x01));
+        // A unit that will not remap interrupts turns firmware's remapping off (its table is
+        // firmware's memory), and still keeps translation on.
+        let (regs, mut u) = unit();
+        regs.state.borrow_mut().regs32.insert(regs::GSTS, (Gsts::TES | Gsts::IRES).bits());
         u.enable(FAULT, false).unwrap();
         let s = regs.state.borrow();
-        assert_eq!(s.gcmd_writes[0], Gcmd::QIE.bits(), "TE cleared, QIE kept");
-        assert_eq!(s.gcmd_writes[1], 0, "then QIE cleared");
+        assert_eq!(s.gcmd_writes[0], Gcmd::TE.bits(), "IRE off, TE kept");
+        assert!(s.gcmd_writes.iter().all(|c| c & Gcmd::TE.bits() != 0));
+        assert_eq!(s.regs32[&regs::GSTS] & Gsts::IRES.bits(), 0);
     }
 
     #[test]
@@ -845,7 +951,14 @@ mod tests {
         assert_eq!(u.translate(d, 0x3f_ffff), Some((0x801f_ffff, DmaAccess::ReadWrite)));
         assert_eq!(u.translate(d, 0x40_0000), None);
         let edu = PciAddress::new(0, 2, 0);
+        assert_eq!(regs.translate(0x10, 0x10_1234, false), Err(0x01), "blocked before attach");
         u.attach(d, edu).unwrap();
+        // The unit's own walk of what reached memory (flushed), not the driver's view.
+        assert_eq!(regs.translate(0x10, 0x10_1234, false), Ok((0x7000_1234, false)));
+        assert_eq!(regs.translate(0x10, 0x10_1234, true), Err(0x05), "read-only mapping");
+        assert_eq!(regs.translate(0x10, 0x3f_ffff, true), Ok((0x801f_ffff, false)));
+        assert_eq!(regs.translate(0x10, 0x40_0000, false), Err(0x06), "unmapped");
+        assert_eq!(regs.translate(0x18, 0x10_1234, false), Err(0x02), "another device on the bus");
         let st: std::cell::Ref<DmaState> = u.mem.state.borrow();
         let root_lo = st.words[&u.root];
         assert_eq!(root_lo & 1, 1);
@@ -864,11 +977,234 @@ mod tests {
         assert_eq!(s.descriptors[before], qi::context_device(d, 0x10).0, "device-selective context invalidation");
         drop(s);
         assert_eq!(u.mem.read64(ct + 16 * 0x10), 0, "context entry cleared: device blocked");
+        assert_eq!(regs.translate(0x10, 0x10_1234, false), Err(0x02), "the unit sees the cleared entry");
         assert_eq!(u.detach(edu), Err(IommuError::NotAttached(edu)));
         u.destroy_domain(d).unwrap();
         assert_eq!(u.map(d, 0, 0, 0x1000, DmaAccess::Read), Err(IommuError::NoSuchDomain(d)));
-        // The unit does not snoop: every table write was flushed.
-        assert!(!u.mem.state.borrow().flushed.is_empty());
+    }
+
+    #[test]
+    fn the_fake_unit_sees_only_flushed_memory() {
+        let dma = FakeDma::default();
+        dma.write64(0x1000, 7);
+        assert_eq!(dma.device_read64(0x1000), 0, "still in the CPU's cache");
+        dma.flush(0x1008, 8);
+        assert_eq!(dma.device_read64(0x1000), 7, "the flush wrote back the whole line");
+        dma.write64(0x1040, 9);
+        dma.flush(0x1000, 8);
+        assert_eq!(dma.device_read64(0x1040), 0, "another line: not written back");
+    }
+
+    /// The writes to the 16-byte entry at `at`, in order, as (which half, value).
+    fn entry_writes(ops: &[crate::fake::DmaOp], at: u64) -> std::vec::Vec<(&'static str, u64)> {
+        ops.iter()
+            .filter_map(|o| match *o {
+                crate::fake::DmaOp::Write(a, v) if a == at => Some(("lo", v)),
+                crate::fake::DmaOp::Write(a, v) if a == at + 8 => Some(("hi", v)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entries_are_made_present_last_and_not_present_first() {
+        // On a coherent unit every store is visible at once: the order is all there is.
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with(dma.clone(), 1, |_, ecap| *ecap |= 1);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        let d = u.create_domain().unwrap();
+        let edu = PciAddress::new(0, 2, 0);
+        u.mem.state.borrow_mut().ops.clear();
+        u.attach(d, edu).unwrap();
+        let ops = u.mem.state.borrow().ops.clone();
+        let root_at = u.root;
+        let ct = u.context_tables[0];
+        let w = entry_writes(&ops, root_at);
+        assert_eq!(w.iter().map(|x| x.0).collect::<std::vec::Vec<_>>(), ["hi", "lo"], "root entry: present last");
+        let w = entry_writes(&ops, ct + 16 * 0x10);
+        assert_eq!(w.iter().map(|x| x.0).collect::<std::vec::Vec<_>>(), ["hi", "lo"], "context entry: present last");
+        assert_eq!(w[1].1 & 1, 1);
+        u.mem.state.borrow_mut().ops.clear();
+        u.detach(edu).unwrap();
+        let ops = u.mem.state.borrow().ops.clone();
+        let w = entry_writes(&ops, ct + 16 * 0x10);
+        assert_eq!(w, [("lo", 0), ("hi", 0)], "context entry: not present first");
+        // Interrupt entries: a fresh one present last; a freed one not present first.
+        u.mem.state.borrow_mut().ops.clear();
+        let h = u.alloc_interrupt(edu, InterruptTarget { apic_id: 1, vector: 0x41 }).unwrap();
+        let at = u.irt + 16 * u64::from(h.0);
+        let ops = u.mem.state.borrow().ops.clone();
+        let w = entry_writes(&ops, at);
+        assert_eq!(w.iter().map(|x| x.0).collect::<std::vec::Vec<_>>(), ["hi", "lo"]);
+        assert_eq!(regs.remap(0x10, h.0), Ok((1, 0x41)));
+        assert_eq!(regs.remap(0x18, h.0), Err(0x26), "another requester is refused");
+        u.mem.state.borrow_mut().ops.clear();
+        u.free_interrupt(edu, h).unwrap();
+        let ops = u.mem.state.borrow().ops.clone();
+        assert_eq!(entry_writes(&ops, at), [("lo", 0), ("hi", 0)]);
+        assert_eq!(regs.remap(0x10, h.0), Err(0x22));
+    }
+
+    #[test]
+    fn odd_address_spellings_stay_inside_the_context_table() {
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        // Device 2 function 1 spelled with out-of-range fields (public fields allow it).
+        let odd = PciAddress { segment: 0, bus: 0, device: 0x22, function: 9 };
+        u.attach(d, odd).unwrap();
+        assert_eq!(regs.translate(0x11, 0x1000, false), Ok((0x7000_0000, false)), "the slot of 00:02.1");
+        assert_eq!(u.attach(d, PciAddress::new(0, 2, 1)), Err(IommuError::AlreadyAttached(odd)));
+        assert!(
+            u.mem.state.borrow().words.range(u.context_tables[0] + 4096..u.context_tables[0] + 8192).all(|w| *w.1 == 0)
+        );
+    }
+
+    #[test]
+    fn destroying_a_domain_forgets_cached_context_entries() {
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        let edu = PciAddress::new(0, 2, 0);
+        u.attach(d, edu).unwrap();
+        // The detach's invalidation times out: the context cache may still point at the
+        // domain's tables.
+        regs.state.borrow_mut().queue_stalled = true;
+        assert_eq!(u.detach(edu), Err(IommuError::Timeout("invalidation wait")));
+        regs.state.borrow_mut().queue_stalled = false;
+        regs.state.borrow_mut().head = u.ring.tail;
+        let before = regs.state.borrow().descriptors.len();
+        let tables = u.domains[0].tables.root();
+        u.destroy_domain(d).unwrap();
+        let done = regs.state.borrow().descriptors[before..].to_vec();
+        assert!(done.contains(&qi::context_global().0), "context cache invalidated globally: {done:x?}");
+        assert!(done.contains(&qi::iotlb_domain(d).0));
+        assert!(u.mem.state.borrow().freed.contains(&tables), "freed only after both");
+        // When that invalidation fails, the frames are never reused.
+        let d = u.create_domain().unwrap();
+        let root = u.domains[0].tables.root();
+        regs.state.borrow_mut().queue_stalled = true;
+        assert!(u.destroy_domain(d).is_err());
+        assert!(!u.mem.state.borrow().freed.contains(&root));
+    }
+
+    #[test]
+    fn write_buffers_are_flushed_where_the_unit_requires_it() {
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with(dma.clone(), 1, |cap, _| *cap |= 1 << 4);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        let at_start = regs.state.borrow().write_buffer_flushes;
+        assert!(at_start >= 3, "before the root and remapping table pointers and each invalidation");
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        assert_eq!(regs.state.borrow().write_buffer_flushes, at_start + 1, "after the table change");
+        // The flush command keeps the persistent enables and never repeats a one-shot.
+        let wbf: std::vec::Vec<u32> =
+            regs.state.borrow().gcmd_writes.iter().copied().filter(|c| c & Gcmd::WBF.bits() != 0).collect();
+        assert_eq!(*wbf.last().unwrap(), (Gcmd::TE | Gcmd::QIE | Gcmd::IRE | Gcmd::WBF).bits());
+        // A flush that never completes is a time-out, not a hang.
+        regs.state.borrow_mut().stuck = Gsts::WBFS.bits();
+        assert_eq!(
+            u.map(d, 0x2000, 0x7000_0000, 0x1000, DmaAccess::Read),
+            Err(IommuError::Timeout("write buffer flush"))
+        );
+        // QEMU's unit does not ask for it.
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        assert_eq!(regs.state.borrow().write_buffer_flushes, 0);
+        assert!(regs.state.borrow().gcmd_writes.iter().all(|c| c & Gcmd::WBF.bits() == 0));
+    }
+
+    #[test]
+    fn iotlb_draining_only_where_the_unit_offers_it() {
+        let iotlb = |regs: &FakeUnit| -> std::vec::Vec<u64> {
+            regs.state.borrow().descriptors.iter().copied().filter(|d| d & 0xf == qi::TYPE_IOTLB).collect()
+        };
+        let drain = qi::IOTLB_DRAIN_READS | qi::IOTLB_DRAIN_WRITES;
+        let (regs, _) = enabled();
+        assert!(iotlb(&regs).iter().all(|d| d & drain == drain), "QEMU offers both");
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with(dma.clone(), 1, |cap, _| *cap &= !crate::fake::CAP_DRAIN);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        assert!(!iotlb(&regs).is_empty());
+        assert!(iotlb(&regs).iter().all(|d| d & drain == 0), "DR/DW never set without DRD/DWD");
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with(dma.clone(), 1, |cap, _| *cap &= !(1 << 54));
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        assert!(iotlb(&regs).iter().all(|d| d & drain == qi::IOTLB_DRAIN_READS));
+    }
+
+    #[test]
+    fn snoop_control_makes_every_leaf_snooped() {
+        let dma = FakeDma::default();
+        let regs = crate::fake::unit_with(dma.clone(), 1, |_, ecap| *ecap |= 1 << 7);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        u.map(d, 0x4000_0000, 0x8000_0000, 0x4000_0000, DmaAccess::ReadWrite).unwrap();
+        u.attach(d, PciAddress::new(0, 2, 0)).unwrap();
+        assert_eq!(regs.translate(0x10, 0x1000, false), Ok((0x7000_0000, true)));
+        assert_eq!(regs.translate(0x10, 0x4123_4000, true), Ok((0x8123_4000, true)), "1 GiB leaf");
+        // Without snoop control (QEMU), bit 11 is reserved and stays clear.
+        let (regs, mut u) = enabled();
+        let d = u.create_domain().unwrap();
+        u.map(d, 0x1000, 0x7000_0000, 0x1000, DmaAccess::Read).unwrap();
+        u.attach(d, PciAddress::new(0, 2, 0)).unwrap();
+        assert_eq!(regs.translate(0x10, 0x1000, false), Ok((0x7000_0000, false)));
+    }
+
+    #[test]
+    fn one_gib_leaves_only_with_two_mib_support() {
+        for (sllps, largest) in
+            [(0b11, PageSize::Size1G), (0b01, PageSize::Size2M), (0b10, PageSize::Size4K), (0, PageSize::Size4K)]
+        {
+            let dma = FakeDma::default();
+            let regs = crate::fake::unit_with(dma.clone(), 1, |cap, _| *cap = (*cap & !(0xf << 34)) | sllps << 34);
+            let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+            assert_eq!(u.largest, largest, "SLLPS {sllps:#b}");
+            u.enable(FAULT, true).unwrap();
+            let d = u.create_domain().unwrap();
+            u.map(d, 0x4000_0000, 0x4000_0000, 0x4000_0000, DmaAccess::Read).unwrap();
+            let size = u.domains[0].tables.translate(0x4020_0000).unwrap().size;
+            assert!(size <= largest, "SLLPS {sllps:#b}: a {size:?} leaf");
+        }
+    }
+
+    #[test]
+    fn faults_recorded_during_a_drain_are_not_left_behind() {
+        let dma = FakeDma::default();
+        let regs = qemu_unit(dma.clone(), 4);
+        let mut u = VtdUnit::probe(regs.clone(), dma, 39).unwrap();
+        u.enable(FAULT, true).unwrap();
+        // FRI = 0: the pass reads records 0, 1, 2, 3. While record 1 is being cleared, the unit
+        // records a new fault into record 0, which the pass has already read: PPF stays 1 and
+        // no new interrupt comes.
+        regs.inject_fault(1, 0x30_0000, 5u64 << 32 | 0x10);
+        regs.state.borrow_mut().on_clear.push((1, 0, 0x40_0000, 6u64 << 32 | 1 << 62 | 0x18));
+        let mut got = std::vec::Vec::new();
+        let d = u.fault_reader().drain(&mut |f| got.push(f));
+        assert_eq!(d, Drained { records: 2, overflowed: false, pending: false });
+        assert_eq!(
+            got[1],
+            Fault { source_id: 0x18, reason: 6, kind: FaultKind::Dma { address: 0x40_0000, write: false } }
+        );
+        assert_eq!(regs.read32(regs::FSTS) & regs::Fsts::PPF.bits(), 0);
+        // A source that records a new fault on every clear is drained a bounded number of times.
+        regs.inject_fault(0, 0x30_0000, 5u64 << 32 | 0x10);
+        for _ in 0..100 {
+            regs.state.borrow_mut().on_clear.push((0, 0, 0x30_0000, 5u64 << 32 | 0x10));
+        }
+        let d = u.fault_reader().drain(&mut |_| {});
+        assert_eq!(d.records, DRAIN_PASSES);
+        assert!(d.pending, "left for a later drain");
     }
 
     #[test]
@@ -1028,7 +1364,7 @@ mod tests {
         regs.state.borrow_mut().regs32.insert(regs::FSTS, 1 << 8 | regs::Fsts::PFO.bits());
         let mut got = std::vec::Vec::new();
         let d = u.fault_reader().drain(&mut |f| got.push(f));
-        assert_eq!(d, Drained { records: 2, overflowed: true });
+        assert_eq!(d, Drained { records: 2, overflowed: true, pending: false });
         assert_eq!(
             got[0],
             Fault { source_id: 0x10, reason: 5, kind: FaultKind::Dma { address: 0x30_0000, write: true } }
