@@ -261,6 +261,17 @@ pub fn init(dmar: Option<Dmar>, fault_apic_id: u32) -> Result<Option<Summary>, I
     };
     drop(units);
     DMAR.call_once(|| dmar);
+    // Context tables for every bus with devices now, so later assignments allocate nothing
+    // that outlives them.
+    crate::pci::with_inventory(|inv| {
+        for f in &inv.functions {
+            if let Ok(unit) = unit_for(f.addr)
+                && let Err(e) = with_unit(unit, |u| u.prepare_bus(f.addr.bus))
+            {
+                defmt::warn!("iommu: context table for bus {=u8}: {}", f.addr.bus, e);
+            }
+        }
+    });
     Ok(Some(summary))
 }
 

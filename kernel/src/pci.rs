@@ -53,6 +53,17 @@ pub fn init(windows: &[EcamWindow]) -> (usize, usize) {
     let cfg = CONFIG.call_once(|| unsafe { PlatformConfig::new(&mapped, true) });
     let mut inv = INVENTORY.lock();
     enumerate(cfg, &segments(&mapped), &mut inv);
+    // Every memory BAR is mapped (uncached) into the hypervisor's tables once, now: assigning
+    // a device later reaches its registers (MSI-X table, forwarded accesses) without growing
+    // the kernel's tables at run time.
+    for f in &inv.functions {
+        for b in f.bars.iter().filter(|b| !matches!(b.kind, conduit_pci::bar::BarKind::Io) && b.size > 0) {
+            let end = b.address.saturating_add(b.size);
+            if let Err(e) = crate::arch::paging::map_mmio(PhysRange::new(b.address, end)) {
+                defmt::warn!("pci: {} bar{=u8} at {=u64:#x} not mapped: {}", f.addr, b.index, b.address, e);
+            }
+        }
+    }
     for f in &inv.functions {
         defmt::info!("pci: {}", defmt::Display2Format(&Summary(f)));
         for b in &f.bars {

@@ -95,3 +95,51 @@ impl conduit_iommu::vtd::regs::VtdRegs for MmioWindow {
         MmioWindow::write64(self, offset, value)
     }
 }
+
+impl MmioWindow {
+    /// A read of `width` (1, 2, 4 or 8) bytes at `offset` (all ones outside the window or for
+    /// another width) — for forwarding a guest's access to a device register.
+    pub fn read(&self, offset: u64, width: u8) -> u64 {
+        let w = u64::from(width);
+        if !matches!(width, 1 | 2 | 4 | 8) || !self.ok(offset, w) {
+            return u64::MAX;
+        }
+        let at = self.base + offset;
+        // SAFETY:
+        // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio` confirmed it
+        //    aliases no RAM, image or firmware table; `offset` is aligned to `width` and the
+        //    bytes lie inside it (checked by `ok`).
+        // 2. A volatile access of exactly the guest's width is what the device register sees.
+        unsafe {
+            match width {
+                1 => u64::from(core::ptr::read_volatile(at as *const u8)),
+                2 => u64::from(core::ptr::read_volatile(at as *const u16)),
+                4 => u64::from(core::ptr::read_volatile(at as *const u32)),
+                _ => core::ptr::read_volatile(at as *const u64),
+            }
+        }
+    }
+
+    /// A write of `width` (1, 2, 4 or 8) bytes at `offset` (ignored outside the window or for
+    /// another width).
+    pub fn write(&self, offset: u64, width: u8, value: u64) {
+        let w = u64::from(width);
+        if !matches!(width, 1 | 2 | 4 | 8) || !self.ok(offset, w) {
+            return;
+        }
+        let at = self.base + offset;
+        // SAFETY:
+        // 1. `[base, base + len)` was mapped uncached by `map`, after `check_mmio` confirmed it
+        //    aliases no RAM, image or firmware table; `offset` is aligned to `width` and the
+        //    bytes lie inside it (checked by `ok`).
+        // 2. A volatile access of exactly the guest's width is what the device register sees.
+        unsafe {
+            match width {
+                1 => core::ptr::write_volatile(at as *mut u8, value as u8),
+                2 => core::ptr::write_volatile(at as *mut u16, value as u16),
+                4 => core::ptr::write_volatile(at as *mut u32, value as u32),
+                _ => core::ptr::write_volatile(at as *mut u64, value),
+            }
+        }
+    }
+}

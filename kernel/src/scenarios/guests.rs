@@ -67,6 +67,7 @@ fn run_set(specs: &[conduit_vm::partition::Spec]) -> Result<heapless::Vec<(usize
     }
     let (free_after, _) = crate::mem::stats();
     println!("vmm: {} partition(s) torn down, {} frames returned", indices.len(), frames);
+    println!("irq: {} stray device interrupts (host vectors with no context)", vmm::irq::stray());
     defmt::info!("vmm: torn down; free frames {=u64} before, {=u64} after", free_before, free_after);
     check(free_after == free_before, "frames were lost across the run")?;
     Ok(outcomes)

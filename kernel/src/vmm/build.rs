@@ -22,6 +22,55 @@ use core::sync::atomic::Ordering;
 /// Guest RAM in nested tables: read, write, execute, write-back, user (nested walks are user
 /// accesses).
 const GUEST_RAM: Attrs = Attrs { write: Write::Allow, execute: Execute::Allow, cache: Cache::WriteBack, user: true };
+/// Device memory in nested tables: read, write, uncached, never executable.
+const DEVICE_MEMORY: Attrs = Attrs { write: Write::Allow, execute: Execute::Deny, cache: Cache::Uncached, user: true };
+
+/// Per partition: bumped whenever a nested mapping is removed or changed; a vCPU that sees a
+/// new value flushes its TLB before its next VMRUN.
+static TLB_GENERATION: [core::sync::atomic::AtomicU64; MAX_PARTITIONS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MAX_PARTITIONS];
+
+/// The nested-TLB generation of partition `index`.
+pub fn tlb_generation(index: usize) -> u64 {
+    TLB_GENERATION.get(index).map_or(0, |g| g.load(Ordering::Acquire))
+}
+
+/// Maps device memory `[hpa, hpa + len)` at guest-physical `gpa` of partition `index` (4 KiB
+/// pages, so no table is ever replaced and freed while vCPUs run). The range must be device
+/// registers (never RAM, the image or firmware tables) and lie in the guest's BAR window.
+pub fn map_device(index: usize, gpa: u64, hpa: u64, len: u64) -> Result<(), BuildError> {
+    let end = gpa.checked_add(len).ok_or(BuildError::Layout)?;
+    if gpa < layout::PCI_WINDOW || end > layout::PCI_WINDOW + layout::PCI_WINDOW_BYTES {
+        return Err(BuildError::Layout);
+    }
+    let hend = hpa.checked_add(len).ok_or(BuildError::Layout)?;
+    crate::mem::check_mmio(conduit_mem::PhysRange::new(hpa, hend)).map_err(|_| BuildError::Layout)?;
+    let mut parts = PARTITIONS.lock();
+    let p = parts.get_mut(index).and_then(Option::as_mut).ok_or(BuildError::NoPartition(index))?;
+    p.npt.map(gpa, hpa, len, DEVICE_MEMORY, PageSize::Size4K).map_err(BuildError::Paging)
+}
+
+/// Unmaps `[gpa, gpa + len)` (device memory) from partition `index` and has every vCPU of it
+/// flush its TLB before running on.
+pub fn unmap_device(index: usize, gpa: u64, len: u64) -> Result<(), BuildError> {
+    let end = gpa.checked_add(len).ok_or(BuildError::Layout)?;
+    if gpa < layout::PCI_WINDOW || end > layout::PCI_WINDOW + layout::PCI_WINDOW_BYTES {
+        return Err(BuildError::Layout);
+    }
+    let cpus = {
+        let mut parts = PARTITIONS.lock();
+        let p = parts.get_mut(index).and_then(Option::as_mut).ok_or(BuildError::NoPartition(index))?;
+        p.npt.unmap(gpa, len).map_err(BuildError::Paging)?;
+        p.spec.cpus.clone()
+    };
+    if let Some(g) = TLB_GENERATION.get(index) {
+        g.fetch_add(1, Ordering::AcqRel);
+    }
+    for cpu in cpus {
+        super::kick(usize::from(cpu));
+    }
+    Ok(())
+}
 
 /// Why a partition could not be built or started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
@@ -53,8 +102,8 @@ pub enum BuildError {
     CpuBusy(u8),
     /// No such partition.
     NoPartition(usize),
-    /// Assigning devices is not built yet (issue [irq]).
-    DevicesNotSupported,
+    /// A device could not be given to the partition.
+    Device(super::devices::DeviceError),
     /// Doorbells are not built yet (issue [doorbell]).
     DoorbellsNotSupported,
     /// A vCPU could not be handed to its CPU.
@@ -250,9 +299,6 @@ fn free_ram(memory: &GuestMemory) {
 
 /// Builds partition `spec` from `bundle` (not started). Returns its index.
 pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
-    if !spec.devices.is_empty() {
-        return Err(BuildError::DevicesNotSupported);
-    }
     if !spec.doorbells.is_empty() {
         return Err(BuildError::DoorbellsNotSupported);
     }
@@ -317,6 +363,8 @@ pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
                 tsc_hz: crate::arch::time::tsc_hz(),
                 argument: spec.argument,
                 name,
+                ecam_base: if spec.devices.is_empty() && spec.vdevs.is_empty() { 0 } else { layout::ECAM },
+                pci_window: layout::PCI_WINDOW,
                 ..Default::default()
             };
             if !write_guest(&memory, guest::boot_info_gpa(vcpu), boot_info_bytes(&info).as_slice()) {
@@ -347,6 +395,8 @@ pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
                 vcpus,
                 npt.memory().live
             );
+            let pci = !spec.devices.is_empty() || !spec.vdevs.is_empty();
+            let memory_map = memory.clone();
             PARTITIONS.lock()[index] = Some(Partition {
                 spec: spec.clone(),
                 memory,
@@ -355,6 +405,11 @@ pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
                 asid: index as u32 + 1,
                 free_start: plan.image_end,
             });
+            if pci && let Err(e) = super::devices::attach(index, spec, &memory_map) {
+                defmt::error!("vmm: partition {=usize}: devices: {}", index, e);
+                let _ = teardown(index);
+                return Err(BuildError::Device(e));
+            }
             Ok(index)
         }
         Err(e) => {
@@ -428,6 +483,7 @@ pub fn start(index: usize) -> Result<(), BuildError> {
             name: p.spec.name.clone(),
             console: p.spec.console,
             asid: p.asid,
+            pci: !p.spec.devices.is_empty() || !p.spec.vdevs.is_empty(),
         });
         s.set_state(VcpuState::Starting);
         if usize::from(cpu) == here {
@@ -458,6 +514,12 @@ pub fn teardown(index: usize) -> Result<u64, BuildError> {
             return Err(BuildError::StillRunning(cpu));
         }
     }
+    // Devices first: quiesced and unassigned before their DMA domain and the RAM it maps go.
+    drop(parts);
+    super::devices::report(index);
+    super::devices::detach(index);
+    let mut parts = PARTITIONS.lock();
+    let Some(entry) = parts.get_mut(index) else { return Err(BuildError::NoPartition(index)) };
     let Some(p) = entry.take() else { return Err(BuildError::NoPartition(index)) };
     let mut frames = p.memory.backed() / PAGE_SIZE;
     free_ram(&p.memory);

@@ -10,6 +10,8 @@
 //! mailbox words, and its outcome once stopped.
 
 mod build;
+mod devices;
+pub mod irq;
 mod run;
 
 pub use build::BuildError;
@@ -194,8 +196,10 @@ pub fn stop_partition_of(cpu: usize, partition: usize) {
 
 pub use build::{bundle, create, host_address, partition_info, start, teardown};
 
-/// Sets up what every partition shares (the I/O and MSR permission maps), at bring-up.
+/// Sets up what every partition shares (the I/O and MSR permission maps, the entries of the
+/// guest-device host vectors), at bring-up.
 pub fn init() -> Result<(), BuildError> {
+    irq::init();
     build::permission_maps().map(|_| ())
 }
 pub use run::run_here;

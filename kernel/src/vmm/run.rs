@@ -34,6 +34,8 @@ pub struct Launch {
     pub console: Console,
     /// Its ASID.
     pub asid: u32,
+    /// It has a PCI bus (devices or emulated devices): the ECAM and BAR windows trap.
+    pub pci: bool,
 }
 
 /// Work posted to a CPU to run the vCPU in its slot.
@@ -106,6 +108,74 @@ impl Env for KernelEnv<'_> {
     fn mailbox(&mut self) -> u64 {
         self.slot.mailbox.load(Ordering::Acquire)
     }
+
+    fn mmio_read(&mut self, id: u16, offset: u64, size: u8) -> Option<u64> {
+        super::devices::mmio(self.launch.partition, id, offset, size, None)
+    }
+
+    fn mmio_write(&mut self, id: u16, offset: u64, size: u8, value: u64) -> bool {
+        super::devices::mmio(self.launch.partition, id, offset, size, Some(value)).is_some()
+    }
+
+    fn port_in(&mut self, port: u16, size: u8) -> Option<u32> {
+        if !self.launch.pci {
+            return None;
+        }
+        super::devices::port(self.launch.partition, port, size, None)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u32) -> bool {
+        self.launch.pci && super::devices::port(self.launch.partition, port, size, Some(value)).is_some()
+    }
+
+    fn hypercall(&mut self, nr: u64, a: [u64; 6]) -> Option<i64> {
+        use conduit_abi::{error, hypercall};
+        let p = self.launch.partition;
+        Some(match nr {
+            hypercall::IRQ_INFO => super::devices::irq_info(p, a[0], a[1]),
+            hypercall::SET_IRQS => {
+                let bytes = match super::devices::set_irqs_data_bytes(p, a[0], a[1], a[2], a[3], a[4]) {
+                    Ok(n) => n,
+                    Err(code) => return Some(code),
+                };
+                let mut data = [0u8; 2048 * 8];
+                let Some(buf) = data.get_mut(..bytes) else { return Some(error::EINVAL) };
+                if !self.read_guest(a[5], buf) {
+                    return Some(error::EFAULT);
+                }
+                super::devices::set_irqs(p, a[0], a[1], a[2], a[3], a[4], buf)
+            }
+            hypercall::IRQ_STATS => match super::devices::irq_stats(p, a[0], a[1], a[2]) {
+                Ok(st) => {
+                    let words =
+                        [st.raised, st.delivered, st.coalesced, st.pending_while_masked, st.spurious, st.pending];
+                    let mut out = [0u8; 48];
+                    for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+                        chunk.copy_from_slice(&w.to_le_bytes());
+                    }
+                    if self.write_guest(a[3], &out) { 0 } else { error::EFAULT }
+                }
+                Err(code) => code,
+            },
+            _ => return None,
+        })
+    }
+}
+
+impl KernelEnv<'_> {
+    /// Copies `data` into guest RAM at `gpa`; false (nothing written) when any byte is outside.
+    fn write_guest(&mut self, gpa: u64, data: &[u8]) -> bool {
+        self.launch.memory.for_each_piece(gpa, data.len() as u64, |hpa, off, n| {
+            for i in 0..n {
+                // SAFETY:
+                // 1. `hpa + i` lies in one chunk of this guest's RAM (`for_each_piece` checked
+                //    the whole range first): frames the partition owns, identity-mapped RAM.
+                // 2. Volatile byte writes: the guest's other vCPUs may access the bytes
+                //    concurrently; the guest asked for the write.
+                unsafe { core::ptr::write_volatile((hpa + i) as *mut u8, data[(off + i) as usize]) };
+            }
+        })
+    }
 }
 
 /// Arms this CPU's local APIC timer to fire at TSC `deadline` (at once if it passed).
@@ -140,6 +210,18 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
     let vmcb = unsafe { &mut *(launch.vmcb_pa as *mut Vmcb) };
     let bsp = launch.vcpu == 0;
     let mut vcpu = Vcpu::new(launch.vcpu as u8, bsp, conduit_vm::guest::boot_info_gpa(launch.vcpu));
+    if launch.pci {
+        use conduit_abi::layout;
+        use conduit_vm::mmio::Handler;
+        // Cannot fail: the map holds only the local APIC, far from both windows.
+        let _ = vcpu.regions.insert(layout::ECAM, layout::ECAM_BYTES, Handler::Device(super::devices::REGION_ECAM));
+        let _ = vcpu.regions.insert(
+            layout::PCI_WINDOW,
+            layout::PCI_WINDOW_BYTES,
+            Handler::Device(super::devices::REGION_WINDOW),
+        );
+    }
+    let mut tlb_seen = super::build::tlb_generation(launch.partition);
     let mut env = KernelEnv { launch, slot };
     // Nothing of the previous guest on this CPU (x87/SSE, DR0-3) reaches this one.
     svm::reset_guest_visible_state();
@@ -159,6 +241,12 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
             break Stop::Requested;
         }
         vcpu.prepare_entry(vmcb, &slot.pending, time::rdtsc());
+        // A nested mapping was removed: no stale translation may survive into the guest.
+        let tlb_now = super::build::tlb_generation(launch.partition);
+        if tlb_now != tlb_seen {
+            vmcb.control.tlb_control = conduit_vm::vmcb::tlb_control::FLUSH_ALL;
+            tlb_seen = tlb_now;
+        }
         arm_timer(vcpu.lapic.timer_deadline());
         // SAFETY:
         // 1. SVM is on for this CPU and `host` is its host VMCB (checked above).

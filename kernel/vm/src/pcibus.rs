@@ -46,6 +46,11 @@ pub struct Mechanism1 {
 }
 
 impl Mechanism1 {
+    /// Nothing latched.
+    pub const fn new() -> Self {
+        Self { latch: 0 }
+    }
+
     /// Whether `port` is one of the mechanism's (`0xcf8`–`0xcff`).
     pub fn claims(port: u16) -> bool {
         (CONFIG_ADDRESS..CONFIG_DATA + 4).contains(&port)

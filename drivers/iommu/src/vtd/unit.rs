@@ -507,6 +507,26 @@ impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
 /// FSTS bits of the invalidation queue (RW1C).
 const QUEUE_ERRORS: u32 = regs::Fsts::IQE.bits() | regs::Fsts::ICE.bits() | regs::Fsts::ITE.bits();
 
+impl<R: VtdRegs + Clone, M: DmaMemory> VtdUnit<R, M> {
+    /// Creates the context table of `bus` (empty: every device on it still blocked) if it has
+    /// none. Done at bring-up for every bus with devices, so assigning a device later takes no
+    /// frame that outlives the assignment.
+    pub fn prepare_bus(&mut self, bus: u8) -> Result<(), IommuError> {
+        let b = usize::from(bus);
+        if self.context_tables[b] != 0 {
+            return Ok(());
+        }
+        let ct = self.alloc(1)?;
+        self.context_tables[b] = ct;
+        let (lo, hi) = entries::root_entry(ct);
+        let at = self.root + 16 * b as u64;
+        self.mem.write64(at + 8, hi);
+        self.mem.write64(at, lo);
+        self.flush(at, 16);
+        Ok(())
+    }
+}
+
 impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
     fn create_domain(&mut self) -> Result<DomainId, IommuError> {
         if self.domains.is_full() {
@@ -592,16 +612,7 @@ impl<R: VtdRegs + Clone, M: DmaMemory> Iommu for VtdUnit<R, M> {
             return Err(IommuError::InterruptsInUse(dev));
         }
         let table = self.domains.iter().find(|d| d.id == domain).ok_or(IommuError::NoSuchDomain(domain))?.tables.root();
-        let bus = usize::from(dev.bus);
-        if self.context_tables[bus] == 0 {
-            let ct = self.alloc(1)?;
-            self.context_tables[bus] = ct;
-            let (lo, hi) = entries::root_entry(ct);
-            let at = self.root + 16 * bus as u64;
-            self.mem.write64(at + 8, hi);
-            self.mem.write64(at, lo);
-            self.flush(at, 16);
-        }
+        self.prepare_bus(dev.bus)?;
         let at = self.context_slot(dev).ok_or(IommuError::OutOfMemory)?;
         let (lo, hi) = entries::context_entry(table, domain, self.levels, TranslationType::SecondLevel);
         // Upper half first; the present bit (low half) last.

@@ -171,6 +171,12 @@ pub trait Env {
         let _ = (id, offset, size, value);
         false
     }
+    /// A hypercall the vCPU does not handle itself (device functions: `IRQ_INFO`, `SET_IRQS`,
+    /// `IRQ_STATS`...), with its six arguments; `None`: unknown (`ENOSYS`).
+    fn hypercall(&mut self, nr: u64, args: [u64; 6]) -> Option<i64> {
+        let _ = (nr, args);
+        None
+    }
     /// An I/O port read other than the built-in ones; `None` reads as all ones.
     fn port_in(&mut self, port: u16, size: u8) -> Option<u32> {
         let _ = (port, size);
@@ -710,7 +716,10 @@ impl Vcpu {
                     (Ok(vector), 0 | 1) if self.lapic.set_auto_eoi(vector, a1 == 1) => 0,
                     _ => error::EINVAL,
                 },
-                _ => error::ENOSYS,
+                _ => {
+                    let g = &self.gprs;
+                    env.hypercall(nr, [g.rdi, g.rsi, g.rdx, g.r10, g.r8, g.r9]).unwrap_or(error::ENOSYS)
+                }
             }
         };
         if result < 0 {

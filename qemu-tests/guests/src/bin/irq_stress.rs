@@ -1,14 +1,14 @@
 //! `irq_stress`: an MSI-X entry retargeted and masked continuously while its device keeps
 //! interrupting (QEMU nvme at 00:01.0, two vCPUs).
 //! - vCPU 0 is the NVMe driver: entries 0 (admin, 0x60) and 1 (I/O queue 1, 0x61) live on
-//!   vCPU 0; it submits 2000 one-block Reads on queue 1, one at a time, each completion found by
+//!   vCPU 0; it submits 4000 one-block Reads on queue 1, one at a time, each completion found by
 //!   polling the CQ (not by interrupt);
 //! - vCPU 1 meanwhile churns entry 1: mask, retarget to vCPU 0 or 1 alternately (vector 0x61
 //!   on both), unmask, short pause, and counts the cycles;
-//! - both count their 0x61 interrupts; after the 2000 completions vCPU 1 stops churning and
+//! - both count their 0x61 interrupts; after the 4000 completions vCPU 1 stops churning and
 //!   leaves entry 1 unmasked on vCPU 0; after 50 ms of quiet, IRQ_STATS of entry 1 must match:
 //!   delivered = the two vCPUs' counts together, raised = delivered + coalesced + spurious,
-//!   spurious 0, nothing pending, raised ≥ 2000 / 4.
+//!   spurious 0, nothing pending, raised ≥ 4000 / 4.
 //!
 //! vCPU 0 prints the results and checks; vCPU 1 prints its own counts and waits for vCPU 0 to
 //! finish before it exits.
@@ -37,7 +37,7 @@ const IO_VECTOR: u8 = 0x61;
 /// The churned entry.
 const CHURNED: u16 = 1;
 /// Reads submitted on queue 1.
-const COMMANDS: u64 = 2000;
+const COMMANDS: u64 = 4000;
 /// `raised` must be at least `COMMANDS / RAISED_FACTOR` (masking may merge signals).
 const RAISED_FACTOR: u64 = 4;
 /// Entries per queue.

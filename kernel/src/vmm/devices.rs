@@ -1,0 +1,1360 @@
+//! Devices in a partition (`docs/devices.md`): the guest's own PCI bus (ECAM window and
+//! configuration mechanism #1), the physical functions assigned to it — configuration space
+//! through `conduit_pci::vconfig`, BARs mapped into the guest where it places them (except the
+//! pages holding the MSI-X table and PBA, and BARs smaller than a page, which trap), DMA
+//! confined to the guest's RAM by an IOMMU domain, MSI and MSI-X through the one front end of
+//! `conduit_irq` with the physical backend (host vector + interrupt-remapping entry + the real
+//! table entry) — and the emulated `notify` function (the same front end, software backend).
+//!
+//! Everything here is the control path: one lock per partition's bus, taken by the vCPU that
+//! trapped (configuration access, MSI-X table write, hypercall) and by the supervisor. Device
+//! interrupts never come here: they go host vector → context → vCPU (`vmm::irq`), lock-free.
+
+use super::irq::{HOST_VECTORS, MAX_CONTEXTS, POOL, VmmSink, drain_vectors_of};
+use super::{MAX_PARTITIONS, build};
+use crate::arch::mmio::MmioWindow;
+use crate::arch::percpu;
+use crate::iommu::{self, AssignError, Domain, Owner};
+use crate::sync::IrqMutex;
+use conduit_abi::{error, irq as abi_irq, layout, vdev as abi_vdev};
+use conduit_iommu::{DmaAccess, InterruptHandle, InterruptTarget};
+use conduit_irq::api::{self, EventBinding, IrqControl, IrqError, IrqIndex, IrqInfo};
+use conduit_irq::frontend::{Backend, MsiControl, MsiFrontEnd, MsixControl, MsixFrontEnd, Software, VcpuSlots};
+use conduit_irq::{ContextId, MaskState, Target};
+use conduit_mem::PAGE_SIZE;
+use conduit_pci::bar::BarKind;
+use conduit_pci::caps::{MsiCap, MsixCap};
+use conduit_pci::enumerate::Function as HostFunction;
+use conduit_pci::regs::{self, Command};
+use conduit_pci::vconfig::{ConfigEvent, DevicePolicy, VirtualConfig};
+use conduit_pci::{ConfigSpace, PciAddress, Width};
+use conduit_vm::memory::GuestMemory;
+use conduit_vm::partition::{Bdf, MAX_DEVICES, MAX_VDEVS, Spec, VirtualDevice};
+use conduit_vm::pcibus::{self, ConfigRef, Mechanism1};
+use conduit_vm::vdev::{Notify, NotifyEvent};
+
+/// Region ID of the ECAM window in each vCPU's emulated-region map.
+pub const REGION_ECAM: u16 = 0;
+/// Region ID of the BAR window (trapped pages of BARs placed there).
+pub const REGION_WINDOW: u16 = 1;
+
+/// MSI-X entries a front end keeps (a device's table beyond this is not used; counted).
+const TABLE_ENTRIES: usize = 128;
+/// Functions on one guest bus.
+const MAX_FUNCTIONS: usize = MAX_DEVICES + MAX_VDEVS;
+/// Host vectors waiting for their old CPU to drain after a retarget.
+const MAX_RETIRED: usize = 32;
+
+type Msix<B> = MsixFrontEnd<'static, B, TABLE_ENTRIES, MAX_CONTEXTS>;
+type Msi<B> = MsiFrontEnd<'static, B, MAX_CONTEXTS>;
+
+/// Why devices could not be given to a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum DeviceError {
+    /// The function is not in the inventory.
+    NotPresent(Bdf),
+    /// The IOMMU refused.
+    Iommu(Bdf, AssignError),
+    /// Its virtual configuration space could not be built.
+    Config(Bdf),
+    /// A BAR could not be mapped for the hypervisor's own accesses.
+    BarMap(Bdf),
+    /// More functions than a guest bus holds.
+    TooMany,
+}
+
+/// A host vector and interrupt-remapping entry behind one live vector.
+#[derive(Clone, Copy, Debug)]
+struct HostRoute {
+    cpu: u8,
+    vector: u8,
+    irte: InterruptHandle,
+}
+
+/// Why the physical backend failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+pub enum RouteError {
+    /// No free host vector on the target CPU.
+    NoHostVector,
+    /// The IOMMU refused the interrupt-remapping entry.
+    Iommu(AssignError),
+    /// The vector is beyond what the backend keeps (MSI multi-message needs a block of
+    /// remapping entries, not offered yet).
+    Unsupported,
+}
+
+/// Old host vectors of retargeted entries: still mapped to their context until the old CPU has
+/// taken whatever was on its way, then freed (after the bus lock is released).
+type Retired = heapless::Vec<(u8, u8, ContextId), MAX_RETIRED>;
+
+fn apic_of(cpu: u8) -> Option<u32> {
+    percpu::cpu(usize::from(cpu)).map(|c| c.apic_id.load(core::sync::atomic::Ordering::Relaxed))
+}
+
+/// Host side of one interrupt: host vector on the target's CPU plus a remapping entry with the
+/// device's source ID. Shared by the MSI and MSI-X backends.
+fn route_to(
+    dev: PciAddress,
+    ctx: ContextId,
+    target: Target,
+) -> Result<(HostRoute, conduit_iommu::MsiMessage), RouteError> {
+    let table = HOST_VECTORS.get(usize::from(target.slot)).ok_or(RouteError::NoHostVector)?;
+    let apic = apic_of(target.slot).ok_or(RouteError::NoHostVector)?;
+    let vector = table.allocate(ctx).ok_or(RouteError::NoHostVector)?;
+    match iommu::alloc_interrupt(dev, InterruptTarget { apic_id: apic, vector }) {
+        Ok((irte, msg)) => Ok((HostRoute { cpu: target.slot, vector, irte }, msg)),
+        Err(e) => {
+            table.free(vector, ctx);
+            Err(RouteError::Iommu(e))
+        }
+    }
+}
+
+/// Moves a live route to `new`'s CPU: a new host vector there, the remapping entry rewritten in
+/// place (the device is not touched); the old vector is retired, not freed.
+fn reroute(
+    dev: PciAddress,
+    route: &mut HostRoute,
+    ctx: ContextId,
+    new: Target,
+    retired: &mut Retired,
+) -> Result<(), RouteError> {
+    if new.slot == route.cpu {
+        return Ok(());
+    }
+    let table = HOST_VECTORS.get(usize::from(new.slot)).ok_or(RouteError::NoHostVector)?;
+    let apic = apic_of(new.slot).ok_or(RouteError::NoHostVector)?;
+    let vector = table.allocate(ctx).ok_or(RouteError::NoHostVector)?;
+    if let Err(e) = iommu::retarget_interrupt(dev, route.irte, InterruptTarget { apic_id: apic, vector }) {
+        table.free(vector, ctx);
+        return Err(RouteError::Iommu(e));
+    }
+    if retired.push((route.cpu, route.vector, ctx)).is_err() {
+        // No room to drain it later: leave it mapped (a leaked host vector, never a lost
+        // interrupt).
+        defmt::warn!(
+            "vmm: retired host vector list full; cpu {=u8} vector {=u8:#x} stays mapped",
+            route.cpu,
+            route.vector
+        );
+    }
+    route.cpu = new.slot;
+    route.vector = vector;
+    Ok(())
+}
+
+/// Frees a route: the remapping entry first (the device can no longer reach the vector),
+/// then the host vector (late arrivals find no context: counted as stray).
+fn unroute(dev: PciAddress, route: HostRoute, ctx: ContextId, retired: &mut Retired) {
+    if let Err(e) = iommu::free_interrupt(dev, route.irte) {
+        defmt::error!("vmm: freeing the remapping entry of {}: {}", dev, e);
+    }
+    if let Some(t) = HOST_VECTORS.get(usize::from(route.cpu)) {
+        t.free(route.vector, ctx);
+    }
+    // Older vectors of this context still waiting to drain go now too: the context is about
+    // to be freed and may be reused.
+    retired.retain(|&(cpu, vector, c)| {
+        if c == ctx {
+            if let Some(t) = HOST_VECTORS.get(usize::from(cpu)) {
+                t.free(vector, c);
+            }
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// The physical MSI-X backend: the real table is Conduit's; a live entry gets a remapping
+/// entry whose remappable-format address/data go into the real table entry, then unmasked.
+#[derive(Debug)]
+pub struct PhysicalMsix {
+    dev: PciAddress,
+    table: Option<MmioWindow>,
+    pba: Option<MmioWindow>,
+    routes: [Option<HostRoute>; TABLE_ENTRIES],
+    retired: Retired,
+}
+
+impl PhysicalMsix {
+    fn entry_offset(index: u16) -> u64 {
+        u64::from(index) * 16
+    }
+
+    /// Masks every real entry and clears its message (before MSI-X is enabled in hardware).
+    fn mask_all(&self, size: u16) {
+        if let Some(t) = &self.table {
+            for i in 0..size {
+                let o = Self::entry_offset(i);
+                t.write32(o + 12, 1);
+                t.write32(o, 0);
+                t.write32(o + 4, 0);
+                t.write32(o + 8, 0);
+            }
+        }
+    }
+}
+
+impl Backend for PhysicalMsix {
+    type Error = RouteError;
+
+    fn activate(&mut self, index: u16, ctx: ContextId, target: Target) -> Result<(), RouteError> {
+        let slot = self.routes.get_mut(usize::from(index)).ok_or(RouteError::Unsupported)?;
+        let (route, msg) = route_to(self.dev, ctx, target)?;
+        if let Some(t) = &self.table {
+            let o = Self::entry_offset(index);
+            t.write32(o + 12, 1);
+            t.write32(o, msg.address as u32);
+            t.write32(o + 4, (msg.address >> 32) as u32);
+            t.write32(o + 8, msg.data);
+            t.write32(o + 12, 0);
+        }
+        *slot = Some(route);
+        Ok(())
+    }
+
+    fn retarget(&mut self, index: u16, ctx: ContextId, _old: Target, new: Target) -> Result<(), RouteError> {
+        let dev = self.dev;
+        let route = self.routes.get_mut(usize::from(index)).and_then(Option::as_mut).ok_or(RouteError::Unsupported)?;
+        reroute(dev, route, ctx, new, &mut self.retired)
+    }
+
+    fn deactivate(&mut self, index: u16, ctx: ContextId) {
+        if let Some(t) = &self.table {
+            t.write32(Self::entry_offset(index) + 12, 1);
+        }
+        if let Some(route) = self.routes.get_mut(usize::from(index)).and_then(Option::take) {
+            unroute(self.dev, route, ctx, &mut self.retired);
+        }
+    }
+
+    fn hardware_pending(&self, index: u16) -> bool {
+        self.pba.as_ref().is_some_and(|p| p.read64(u64::from(index / 64) * 8) & (1 << (index % 64)) != 0)
+    }
+}
+
+/// The physical MSI backend (one message: a block of remapping entries for multi-message MSI
+/// is not offered, and `IRQ_INFO` says 1).
+#[derive(Debug)]
+pub struct PhysicalMsi {
+    dev: PciAddress,
+    cap: MsiCap,
+    route: Option<HostRoute>,
+    retired: Retired,
+}
+
+impl PhysicalMsi {
+    fn set_enable(&self, on: bool) {
+        let cfg = crate::pci::config();
+        let off = self.cap.control();
+        let control = cfg.read16(self.dev, off) & !conduit_pci::caps::msi_control::MME_MASK;
+        let control = if on {
+            control | conduit_pci::caps::msi_control::ENABLE
+        } else {
+            control & !conduit_pci::caps::msi_control::ENABLE
+        };
+        cfg.write16(self.dev, off, control);
+    }
+}
+
+impl Backend for PhysicalMsi {
+    type Error = RouteError;
+
+    fn activate(&mut self, index: u16, ctx: ContextId, target: Target) -> Result<(), RouteError> {
+        if index != 0 {
+            return Err(RouteError::Unsupported);
+        }
+        let (route, msg) = route_to(self.dev, ctx, target)?;
+        let cfg = crate::pci::config();
+        self.set_enable(false);
+        cfg.write32(self.dev, self.cap.address_lo(), msg.address as u32);
+        if let Some(hi) = self.cap.address_hi() {
+            cfg.write32(self.dev, hi, (msg.address >> 32) as u32);
+        }
+        cfg.write16(self.dev, self.cap.data(), msg.data as u16);
+        self.set_enable(true);
+        self.route = Some(route);
+        Ok(())
+    }
+
+    fn retarget(&mut self, index: u16, ctx: ContextId, _old: Target, new: Target) -> Result<(), RouteError> {
+        let dev = self.dev;
+        match (index, self.route.as_mut()) {
+            (0, Some(route)) => reroute(dev, route, ctx, new, &mut self.retired),
+            _ => Err(RouteError::Unsupported),
+        }
+    }
+
+    fn deactivate(&mut self, index: u16, ctx: ContextId) {
+        if index != 0 {
+            return;
+        }
+        self.set_enable(false);
+        if let Some(route) = self.route.take() {
+            unroute(self.dev, route, ctx, &mut self.retired);
+        }
+    }
+}
+
+/// A host BAR of an assigned function.
+#[derive(Clone, Copy, Debug)]
+struct HostBar {
+    index: u8,
+    base: u64,
+    size: u64,
+    memory: bool,
+    /// The hypervisor's own uncached mapping (forwarded accesses), for memory BARs.
+    window: Option<MmioWindow>,
+}
+
+/// A guest-physical range mapped straight to device memory.
+#[derive(Clone, Copy, Debug)]
+struct Mapping {
+    gpa: u64,
+    len: u64,
+}
+
+/// A physical function given to the guest.
+#[derive(Debug)]
+struct Physical {
+    host: PciAddress,
+    bdf: Bdf,
+    vconfig: VirtualConfig,
+    bars: heapless::Vec<HostBar, 6>,
+    msix_cap: Option<MsixCap>,
+    msix: Option<Msix<PhysicalMsix>>,
+    msi: Option<Msi<PhysicalMsi>>,
+    mappings: heapless::Vec<Mapping, 16>,
+    decoding: bool,
+    /// Software-signalled ERR and REQ indices: their context, once bound.
+    err: Option<ContextId>,
+    req: Option<ContextId>,
+}
+
+/// The emulated `notify` function.
+#[derive(Debug)]
+struct NotifyFn {
+    model: Notify,
+    msix: Msix<Software>,
+}
+
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Func {
+    Physical(Physical),
+    Notify(NotifyFn),
+}
+
+/// One partition's PCI bus. Lives in a static and is changed in place: with its functions'
+/// virtual configuration spaces and MSI-X tables it is far too large to move through a stack.
+#[derive(Debug)]
+pub struct Bus {
+    /// The partition has a bus now.
+    active: bool,
+    partition: usize,
+    slots: VcpuSlots,
+    mech1: Mechanism1,
+    functions: heapless::Vec<Func, MAX_FUNCTIONS>,
+    domains: heapless::Vec<Domain, 4>,
+    /// Guest accesses nothing answered (configuration of empty slots excluded).
+    unclaimed: u64,
+}
+
+impl Bus {
+    const fn empty() -> Self {
+        Self {
+            active: false,
+            partition: 0,
+            slots: [None; conduit_irq::frontend::MAX_VCPUS],
+            mech1: Mechanism1::new(),
+            functions: heapless::Vec::new(),
+            domains: heapless::Vec::new(),
+            unclaimed: 0,
+        }
+    }
+}
+
+static BUSES: [IrqMutex<Bus>; MAX_PARTITIONS] = [const { IrqMutex::new(Bus::empty()) }; MAX_PARTITIONS];
+
+/// The bus of a partition that has one.
+fn active(bus: &mut Bus) -> Option<&mut Bus> {
+    bus.active.then_some(bus)
+}
+
+fn quiesce(dev: PciAddress, f: &HostFunction) {
+    let cfg = crate::pci::config();
+    let cmd = cfg.read16(dev, regs::COMMAND);
+    cfg.write16(dev, regs::COMMAND, cmd & !(Command::BUS_MASTER | Command::MEMORY | Command::IO).bits());
+    if let Some(m) = f.msi {
+        let c = cfg.read16(dev, m.control());
+        cfg.write16(dev, m.control(), c & !conduit_pci::caps::msi_control::ENABLE);
+    }
+    if let Some(x) = f.msix {
+        let c = cfg.read16(dev, x.offset + 2);
+        cfg.write16(dev, x.offset + 2, (c & !MSIX_ENABLE) | MSIX_FUNCTION_MASK);
+    }
+}
+
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+fn host_function(bdf: Bdf) -> Option<HostFunction> {
+    crate::pci::with_inventory(|inv| {
+        inv.functions
+            .iter()
+            .find(|f| {
+                f.addr.segment == bdf.segment
+                    && f.addr.bus == bdf.bus
+                    && f.addr.device == bdf.device
+                    && f.addr.function == bdf.function
+            })
+            .cloned()
+    })
+}
+
+fn vcpu_slots(spec: &Spec) -> VcpuSlots {
+    let mut s: VcpuSlots = [None; conduit_irq::frontend::MAX_VCPUS];
+    for (d, &cpu) in s.iter_mut().zip(&spec.cpus) {
+        *d = Some(cpu);
+    }
+    s
+}
+
+/// Builds partition `index`'s bus: quiesces and assigns each device (IOMMU domain holding the
+/// guest's RAM at its guest-physical addresses), builds its virtual configuration space and
+/// interrupt front ends; adds the emulated functions. On an error everything done is undone.
+pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, DeviceError> {
+    if spec.devices.is_empty() && spec.vdevs.is_empty() {
+        return Ok(false);
+    }
+    let Some(cell) = BUSES.get(index) else { return Err(DeviceError::TooMany) };
+    {
+        let mut bus = cell.lock();
+        bus.functions.clear();
+        bus.domains.clear();
+        bus.partition = index;
+        bus.slots = vcpu_slots(spec);
+        bus.mech1 = Mechanism1::new();
+        bus.unclaimed = 0;
+        bus.active = true;
+    }
+    let result = (|| {
+        for &bdf in &spec.devices {
+            attach_physical(cell, index, bdf, memory)?;
+        }
+        for &v in &spec.vdevs {
+            match v {
+                VirtualDevice::Notify => {
+                    let mut guard = cell.lock();
+                    let bus = active(&mut guard).ok_or(DeviceError::TooMany)?;
+                    let slots = bus.slots;
+                    bus.functions
+                        .push(Func::Notify(NotifyFn {
+                            model: Notify::new(),
+                            msix: MsixFrontEnd::new(&POOL, Software, abi_vdev::NOTIFY_VECTORS, slots),
+                        }))
+                        .map_err(|_| DeviceError::TooMany)?;
+                }
+            }
+        }
+        Ok(true)
+    })();
+    if result.is_err() {
+        detach(index);
+    }
+    result
+}
+
+fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestMemory) -> Result<(), DeviceError> {
+    let f = host_function(bdf).ok_or(DeviceError::NotPresent(bdf))?;
+    let dev = f.addr;
+    quiesce(dev, &f);
+    // DMA: one domain per IOMMU unit, holding the guest's RAM at its guest-physical addresses.
+    let unit = iommu::unit_for(dev).map_err(|e| DeviceError::Iommu(bdf, e))?;
+    let existing = {
+        let mut guard = cell.lock();
+        active(&mut guard).and_then(|b| b.domains.iter().copied().find(|d| d.unit == unit))
+    };
+    let domain = match existing {
+        Some(d) => d,
+        None => {
+            let d = iommu::create_domain_for(dev).map_err(|e| DeviceError::Iommu(bdf, e))?;
+            for c in memory.chunks() {
+                if let Err(e) = iommu::map(d, c.gpa, c.hpa, c.len, DmaAccess::ReadWrite) {
+                    let _ = iommu::destroy_domain(d);
+                    return Err(DeviceError::Iommu(bdf, e));
+                }
+            }
+            let mut guard = cell.lock();
+            let bus = active(&mut guard).ok_or(DeviceError::TooMany)?;
+            if bus.domains.push(d).is_err() {
+                let _ = iommu::destroy_domain(d);
+                return Err(DeviceError::TooMany);
+            }
+            d
+        }
+    };
+    iommu::assign(domain, dev, Owner::Guest(index as u16)).map_err(|e| DeviceError::Iommu(bdf, e))?;
+    let cfg = crate::pci::config();
+    let vconfig = match VirtualConfig::new(cfg, &f, DevicePolicy::default()) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = iommu::unassign(dev);
+            return Err(DeviceError::Config(bdf));
+        }
+    };
+    let mut bars: heapless::Vec<HostBar, 6> = heapless::Vec::new();
+    for b in &f.bars {
+        let memory = !matches!(b.kind, BarKind::Io);
+        let window = if memory && b.size > 0 {
+            Some(MmioWindow::map(b.address, b.size).map_err(|_| DeviceError::BarMap(bdf))?)
+        } else {
+            None
+        };
+        let _ = bars.push(HostBar { index: b.index, base: b.address, size: b.size, memory, window });
+    }
+    // The hypervisor's own view of the real MSI-X table and PBA.
+    let window_at = |bir: u8, offset: u32, len: u64| {
+        let b = bars.iter().find(|b| b.index == bir && b.window.is_some())?;
+        MmioWindow::map(b.base + u64::from(offset), len).ok()
+    };
+    let mut guard = cell.lock();
+    let bus = active(&mut guard).ok_or(DeviceError::TooMany)?;
+    let slots = bus.slots;
+    let msix = f.msix.map(|x| {
+        let entries = x.table_size.min(TABLE_ENTRIES as u16);
+        let backend = PhysicalMsix {
+            dev,
+            table: window_at(x.table_bir, x.table_offset, u64::from(x.table_size) * 16),
+            pba: window_at(x.pba_bir, x.pba_offset, u64::from(x.table_size).div_ceil(64) * 8),
+            routes: [None; TABLE_ENTRIES],
+            retired: Retired::new(),
+        };
+        MsixFrontEnd::new(&POOL, backend, entries, slots)
+    });
+    let msi = f.msi.map(|m| {
+        let backend = PhysicalMsi { dev, cap: m, route: None, retired: Retired::new() };
+        MsiFrontEnd::new(&POOL, backend, 0, m.per_vector_mask, slots)
+    });
+    defmt::info!(
+        "vmm: partition {=usize}: {} assigned as 00:{=usize:02x}.0 (domain on unit {=u8}), {=usize} BARs, MSI {=bool}, MSI-X {=bool}",
+        index,
+        dev,
+        bus.functions.len() + 1,
+        domain.unit,
+        bars.len(),
+        f.msi.is_some(),
+        f.msix.is_some()
+    );
+    bus.functions
+        .push(Func::Physical(Physical {
+            host: dev,
+            bdf,
+            vconfig,
+            bars,
+            msix_cap: f.msix,
+            msix,
+            msi,
+            mappings: heapless::Vec::new(),
+            decoding: false,
+            err: None,
+            req: None,
+        }))
+        .map_err(|_| DeviceError::TooMany)
+}
+
+/// Takes partition `index`'s devices back (its vCPUs have stopped): every interrupt vector
+/// freed, every device quiesced and unassigned, the IOMMU domains destroyed.
+pub fn detach(index: usize) {
+    let Some(cell) = BUSES.get(index) else { return };
+    let mut drain: Retired = Retired::new();
+    {
+        let mut guard = cell.lock();
+        let Some(bus) = active(&mut guard) else { return };
+        for f in bus.functions.iter_mut() {
+            if let Func::Physical(p) = f {
+                if let Some(m) = p.msix.as_mut() {
+                    m.set_control(MsixControl { enabled: false, function_masked: true }, &VmmSink);
+                    let _ = drain.extend_from_slice(&m.backend().retired);
+                }
+                if let Some(m) = p.msi.as_mut() {
+                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink);
+                    let _ = drain.extend_from_slice(&m.backend().retired);
+                }
+                for c in [p.err.take(), p.req.take()].into_iter().flatten() {
+                    POOL.free(c);
+                }
+                if let Some(f) = host_function(p.bdf) {
+                    quiesce(p.host, &f);
+                }
+                if let Err(e) = iommu::unassign(p.host) {
+                    defmt::error!("vmm: unassigning {}: {}", p.host, e);
+                }
+            }
+        }
+        for d in bus.domains.iter().copied() {
+            if let Err(e) = iommu::destroy_domain(d) {
+                defmt::error!("vmm: destroying a domain: {}", e);
+            }
+        }
+        // Dropped in place (front ends free whatever is left).
+        bus.functions.clear();
+        bus.domains.clear();
+        bus.active = false;
+    }
+    free_retired(&mut drain);
+}
+
+fn free_retired(list: &mut Retired) {
+    for (cpu, vector, ctx) in list.drain(..) {
+        if drain_vectors_of(usize::from(cpu)) {
+            if let Some(t) = HOST_VECTORS.get(usize::from(cpu)) {
+                t.free(vector, ctx);
+            }
+        } else {
+            defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays mapped", cpu, vector);
+        }
+    }
+}
+
+impl Physical {
+    fn config_read(&mut self, offset: u16, width: Width) -> u32 {
+        self.vconfig.read(crate::pci::config(), offset, width)
+    }
+
+    /// Memory BARs placed inside the window, as (slot, guest base, host BAR).
+    fn placed(&self) -> heapless::Vec<(u64, HostBar), 6> {
+        let mut v = heapless::Vec::new();
+        for b in self.bars.iter().filter(|b| b.memory && b.size > 0) {
+            if let Some((gpa, size, _)) = self.vconfig.bar(b.index) {
+                let in_window = gpa >= layout::PCI_WINDOW
+                    && gpa.checked_add(size).is_some_and(|e| e <= layout::PCI_WINDOW + layout::PCI_WINDOW_BYTES);
+                if in_window && gpa.is_multiple_of(size.max(1)) {
+                    let _ = v.push((gpa, *b));
+                }
+            }
+        }
+        v
+    }
+
+    /// The byte ranges of BAR `index` that must trap (MSI-X table and PBA, page-rounded).
+    fn trapped_pages(&self, index: u8) -> [Option<(u64, u64)>; 2] {
+        let Some(x) = self.msix_cap else { return [None, None] };
+        let table_len = u64::from(x.table_size) * 16;
+        let pba_len = u64::from(x.table_size).div_ceil(64) * 8;
+        let page = |off: u32, len: u64| {
+            let start = u64::from(off) & !(PAGE_SIZE - 1);
+            (start, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
+        };
+        [
+            (x.table_bir == index).then(|| page(x.table_offset, table_len)),
+            (x.pba_bir == index).then(|| page(x.pba_offset, pba_len)),
+        ]
+    }
+
+    /// Maps every placed memory BAR into the guest: page by page, skipping trapped pages;
+    /// BARs smaller than a page are never mapped (another device's registers could share the
+    /// page) — their accesses trap and are forwarded.
+    fn map_bars(&mut self, partition: usize) {
+        for (gpa, b) in self.placed() {
+            if b.size < PAGE_SIZE {
+                continue;
+            }
+            let trapped = self.trapped_pages(b.index);
+            let mut off = 0;
+            while off < b.size {
+                let is_trapped = trapped.iter().flatten().any(|&(s, e)| off >= s && off < e);
+                if is_trapped {
+                    off += PAGE_SIZE;
+                    continue;
+                }
+                let mut end = off + PAGE_SIZE;
+                while end < b.size && !trapped.iter().flatten().any(|&(s, e)| end >= s && end < e) {
+                    end += PAGE_SIZE;
+                }
+                match build::map_device(partition, gpa + off, b.base + off, end - off) {
+                    Ok(()) => {
+                        let _ = self.mappings.push(Mapping { gpa: gpa + off, len: end - off });
+                    }
+                    Err(e) => defmt::error!("vmm: mapping BAR{=u8} of {}: {}", b.index, self.host, e),
+                }
+                off = end;
+            }
+        }
+    }
+
+    fn unmap_bars(&mut self, partition: usize) {
+        for m in self.mappings.iter() {
+            if let Err(e) = build::unmap_device(partition, m.gpa, m.len) {
+                defmt::error!("vmm: unmapping {=u64:#x}: {}", m.gpa, e);
+            }
+        }
+        self.mappings.clear();
+    }
+
+    fn config_write(&mut self, partition: usize, offset: u16, width: Width, value: u32) {
+        let mut events: heapless::Vec<ConfigEvent, 8> = heapless::Vec::new();
+        self.vconfig.write(crate::pci::config(), offset, width, value, &mut events);
+        for e in events {
+            match e {
+                ConfigEvent::Command { memory, .. } => {
+                    if memory != self.decoding {
+                        if memory {
+                            self.map_bars(partition);
+                        } else {
+                            self.unmap_bars(partition);
+                        }
+                        self.decoding = memory;
+                    }
+                }
+                ConfigEvent::Bar { .. } => {
+                    if self.decoding {
+                        self.unmap_bars(partition);
+                        self.map_bars(partition);
+                    }
+                }
+                ConfigEvent::MsiControl { enabled, vectors_log2 } => {
+                    if let Some(m) = self.msi.as_mut() {
+                        m.set_control(MsiControl { enabled, vectors_log2 }, &VmmSink);
+                    }
+                }
+                ConfigEvent::MsiAddress(a) => {
+                    if let Some(m) = self.msi.as_mut() {
+                        m.set_address(a, &VmmSink);
+                    }
+                }
+                ConfigEvent::MsiData(d) => {
+                    if let Some(m) = self.msi.as_mut() {
+                        m.set_data(d, &VmmSink);
+                    }
+                }
+                ConfigEvent::MsiMask(bits) => {
+                    if let Some(m) = self.msi.as_mut() {
+                        m.set_mask(bits, &VmmSink);
+                    }
+                }
+                ConfigEvent::MsixControl { enabled, function_masked } => self.msix_control(enabled, function_masked),
+                ConfigEvent::Rom { .. } | ConfigEvent::PowerState(_) | ConfigEvent::FunctionLevelReset => {}
+            }
+        }
+    }
+
+    /// The guest changed MSI-X enable or the function mask. Hardware MSI-X is on exactly while
+    /// the guest has it on (with every real entry masked until the front end makes it live);
+    /// the function mask is the front end's alone (the hardware one stays clear).
+    fn msix_control(&mut self, enabled: bool, function_masked: bool) {
+        let (Some(cap), Some(front)) = (self.msix_cap, self.msix.as_mut()) else { return };
+        let cfg = crate::pci::config();
+        let off = cap.offset + 2;
+        let hw_on = cfg.read16(self.host, off) & MSIX_ENABLE != 0;
+        if enabled && !hw_on {
+            front.backend().mask_all(cap.table_size.min(TABLE_ENTRIES as u16));
+            let c = cfg.read16(self.host, off);
+            cfg.write16(self.host, off, (c | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+        }
+        front.set_control(MsixControl { enabled, function_masked }, &VmmSink);
+        if !enabled && hw_on {
+            let c = cfg.read16(self.host, off);
+            cfg.write16(self.host, off, c & !MSIX_ENABLE);
+        }
+    }
+
+    /// Which placed BAR holds `gpa`: (BAR, offset in it).
+    fn bar_at(&self, gpa: u64) -> Option<(HostBar, u64)> {
+        if !self.decoding {
+            return None;
+        }
+        self.placed().into_iter().find(|(g, b)| gpa >= *g && gpa - g < b.size).map(|(g, b)| (b, gpa - g))
+    }
+
+    fn mmio(&mut self, bar: HostBar, off: u64, size: u8, write: Option<u64>) -> Option<u64> {
+        if let (Some(x), Some(front)) = (self.msix_cap, self.msix.as_mut()) {
+            let table = u64::from(x.table_offset)..u64::from(x.table_offset) + u64::from(x.table_size) * 16;
+            let pba = u64::from(x.pba_offset)..u64::from(x.pba_offset) + u64::from(x.table_size).div_ceil(64) * 8;
+            if x.table_bir == bar.index && table.contains(&off) {
+                let o = off - table.start;
+                return match write {
+                    Some(v) => {
+                        front.write_table(o, size, v, &VmmSink);
+                        Some(0)
+                    }
+                    None => Some(front.read_table(o, size)),
+                };
+            }
+            if x.pba_bir == bar.index && pba.contains(&off) {
+                let o = off - pba.start;
+                return match write {
+                    Some(v) => {
+                        front.write_pba(o, size, v);
+                        Some(0)
+                    }
+                    None => Some(front.read_pba(o, size)),
+                };
+            }
+        }
+        // Other registers on a trapped page (or a sub-page BAR): forwarded to the device.
+        let w = bar.window?;
+        match write {
+            Some(v) => {
+                w.write(off, size, v);
+                Some(0)
+            }
+            None => Some(w.read(off, size)),
+        }
+    }
+}
+
+impl NotifyFn {
+    fn bar(&self) -> Option<u64> {
+        self.model.bar0()
+    }
+
+    fn mmio(&mut self, off: u64, size: u8, write: Option<u64>) -> Option<u64> {
+        let table = abi_vdev::NOTIFY_TABLE..abi_vdev::NOTIFY_TABLE + u64::from(abi_vdev::NOTIFY_VECTORS) * 16;
+        let pba = abi_vdev::NOTIFY_PBA..abi_vdev::NOTIFY_PBA + 8;
+        if table.contains(&off) {
+            let o = off - table.start;
+            return match write {
+                Some(v) => {
+                    self.msix.write_table(o, size, v, &VmmSink);
+                    Some(0)
+                }
+                None => Some(self.msix.read_table(o, size)),
+            };
+        }
+        if pba.contains(&off) {
+            return match write {
+                Some(_) => Some(0),
+                None => Some(self.msix.read_pba(off - pba.start, size)),
+            };
+        }
+        match write {
+            Some(v) => {
+                match self.model.register_write(off, size, v) {
+                    NotifyEvent::Signal(i) => {
+                        self.msix.signal(i, &VmmSink);
+                    }
+                    NotifyEvent::BadSignal(i) => defmt::debug!("vmm: notify: signal of entry {=u32} (none)", i),
+                    _ => {}
+                }
+                Some(0)
+            }
+            None => Some(self.model.register_read(off, size)),
+        }
+    }
+
+    fn config_write(&mut self, offset: u16, width: u8, value: u32) {
+        if let NotifyEvent::MsixControl { enabled, function_masked } = self.model.config_write(offset, width, value) {
+            self.msix.set_control(MsixControl { enabled, function_masked }, &VmmSink);
+        }
+    }
+}
+
+impl Bus {
+    fn function(&mut self, device: u8, function: u8) -> Option<&mut Func> {
+        if function != 0 || device == 0 {
+            return None;
+        }
+        self.functions.get_mut(usize::from(device) - 1)
+    }
+
+    fn config_read(&mut self, r: ConfigRef) -> u32 {
+        let width = match r.width {
+            1 => Width::Byte,
+            2 => Width::Word,
+            _ => Width::Dword,
+        };
+        match self.function(r.device, r.function) {
+            Some(Func::Physical(p)) => p.config_read(r.offset, width),
+            Some(Func::Notify(n)) => n.model.config_read(r.offset, r.width),
+            None => match r.width {
+                1 => 0xff,
+                2 => 0xffff,
+                _ => u32::MAX,
+            },
+        }
+    }
+
+    fn config_write(&mut self, r: ConfigRef, value: u32) {
+        let partition = self.partition;
+        let width = match r.width {
+            1 => Width::Byte,
+            2 => Width::Word,
+            _ => Width::Dword,
+        };
+        match self.function(r.device, r.function) {
+            Some(Func::Physical(p)) => p.config_write(partition, r.offset, width, value),
+            Some(Func::Notify(n)) => n.config_write(r.offset, r.width, value),
+            None => {}
+        }
+    }
+
+    fn window(&mut self, offset: u64, size: u8, write: Option<u64>) -> Option<u64> {
+        let gpa = layout::PCI_WINDOW + offset;
+        for f in self.functions.iter_mut() {
+            match f {
+                Func::Physical(p) => {
+                    if let Some((bar, off)) = p.bar_at(gpa) {
+                        return p.mmio(bar, off, size, write);
+                    }
+                }
+                Func::Notify(n) => {
+                    if let Some(base) = n.bar()
+                        && gpa >= base
+                        && gpa - base < abi_vdev::NOTIFY_BAR_BYTES
+                    {
+                        return n.mmio(gpa - base, size, write);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A guest access to an emulated region of partition `index` (ECAM or the BAR window); `None`
+/// when nothing answers (the vCPU is stopped: an access to unbacked memory).
+pub fn mmio(index: usize, region: u16, offset: u64, size: u8, write: Option<u64>) -> Option<u64> {
+    let cell = BUSES.get(index)?;
+    let mut retired = Retired::new();
+    let result = {
+        let mut guard = cell.lock();
+        let bus = active(&mut guard)?;
+        let r = match region {
+            REGION_ECAM => match pcibus::ecam(offset, size) {
+                Some(r) => match write {
+                    Some(v) => {
+                        bus.config_write(r, v as u32);
+                        Some(0)
+                    }
+                    None => Some(u64::from(bus.config_read(r))),
+                },
+                None => {
+                    bus.unclaimed += 1;
+                    Some(if write.is_some() { 0 } else { u64::MAX >> (64 - 8 * u32::from(size.clamp(1, 8))) })
+                }
+            },
+            REGION_WINDOW => bus.window(offset, size, write),
+            _ => None,
+        };
+        take_retired(bus, &mut retired);
+        r
+    };
+    // Old host vectors are freed once their CPU drained, with the bus lock released (and so
+    // interrupts enabled here: anything on its way to this CPU has been taken).
+    free_retired(&mut retired);
+    result
+}
+
+fn take_retired(bus: &mut Bus, into: &mut Retired) {
+    for f in bus.functions.iter_mut() {
+        if let Func::Physical(p) = f {
+            if let Some(m) = p.msix.as_mut() {
+                let _ = into.extend_from_slice(&m.backend().retired);
+                m.backend_mut().retired.clear();
+            }
+            if let Some(m) = p.msi.as_mut() {
+                let _ = into.extend_from_slice(&m.backend().retired);
+                m.backend_mut().retired.clear();
+            }
+        }
+    }
+}
+
+/// A port access of partition `index`: configuration mechanism #1. `None` for other ports.
+pub fn port(index: usize, port: u16, size: u8, write: Option<u32>) -> Option<u32> {
+    if !Mechanism1::claims(port) {
+        return None;
+    }
+    let cell = BUSES.get(index)?;
+    let mut retired = Retired::new();
+    let result = {
+        let mut guard = cell.lock();
+        let bus = active(&mut guard)?;
+        let r = match write {
+            Some(v) => {
+                if !bus.mech1.write_address(port, size, v)
+                    && let Some(r) = bus.mech1.data(port, size)
+                {
+                    bus.config_write(r, v);
+                }
+                Some(0)
+            }
+            None => Some(match bus.mech1.read_address(port, size) {
+                Some(a) => a,
+                None => match bus.mech1.data(port, size) {
+                    Some(r) => bus.config_read(r),
+                    None => u32::MAX,
+                },
+            }),
+        };
+        take_retired(bus, &mut retired);
+        r
+    };
+    free_retired(&mut retired);
+    result
+}
+
+/// A device's interrupt control (the VFIO-style API) over its front ends.
+struct Control<'a> {
+    func: &'a mut Func,
+}
+
+fn binding_target(slots: &VcpuSlots, b: EventBinding) -> Option<(u64, u32)> {
+    slots.get(usize::from(b.vcpu)).copied().flatten()?;
+    let (address, data) = conduit_irq::msi::encode(conduit_irq::msi::GuestMsi { dest_apic: b.vcpu, vector: b.vector });
+    Some((address, data))
+}
+
+fn msix_bind<B: Backend>(
+    front: &mut Msix<B>,
+    slots: &VcpuSlots,
+    v: u32,
+    b: Option<EventBinding>,
+) -> Result<(), IrqError> {
+    let o = u64::from(v) * 16;
+    front.write_table(o + 12, 4, 1, &VmmSink);
+    if let Some(b) = b {
+        let (address, data) = binding_target(slots, b).ok_or(IrqError::BadData)?;
+        front.write_table(o, 4, address & 0xffff_ffff, &VmmSink);
+        front.write_table(o + 4, 4, address >> 32, &VmmSink);
+        front.write_table(o + 8, 4, u64::from(data), &VmmSink);
+        front.write_table(o + 12, 4, 0, &VmmSink);
+    } else {
+        front.write_table(o, 4, 0, &VmmSink);
+        front.write_table(o + 4, 4, 0, &VmmSink);
+        front.write_table(o + 8, 4, 0, &VmmSink);
+    }
+    Ok(())
+}
+
+/// Partition-wide facts the API needs besides the function.
+struct ApiCtx<'a> {
+    control: Control<'a>,
+    slots: VcpuSlots,
+}
+
+impl IrqControl for ApiCtx<'_> {
+    fn info(&self, index: IrqIndex) -> IrqInfo {
+        match (&*self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                p.msix.as_ref().map_or(IrqInfo::NOT_OFFERED, |m| IrqInfo::msix(u32::from(m.table_size())))
+            }
+            (Func::Physical(p), IrqIndex::Msi) => {
+                p.msi.as_ref().map_or(IrqInfo::NOT_OFFERED, |m| IrqInfo::msi(1, m.per_vector_mask()))
+            }
+            (Func::Physical(_), IrqIndex::Err | IrqIndex::Req) => IrqInfo::software(),
+            (Func::Notify(n), IrqIndex::Msix) => IrqInfo::msix(u32::from(n.msix.table_size())),
+            _ => IrqInfo::NOT_OFFERED,
+        }
+    }
+
+    fn enabled(&self, index: IrqIndex) -> u32 {
+        match (&*self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                p.msix.as_ref().map_or(0, |m| if m.control().enabled { u32::from(m.table_size()) } else { 0 })
+            }
+            (Func::Physical(p), IrqIndex::Msi) => p.msi.as_ref().map_or(0, |m| m.enabled_count()),
+            (Func::Notify(n), IrqIndex::Msix) if n.msix.control().enabled => u32::from(n.msix.table_size()),
+            _ => 0,
+        }
+    }
+
+    fn enable(&mut self, index: IrqIndex, count: u32) -> Result<(), IrqError> {
+        match (&mut *self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                p.msix_control(true, false);
+                Ok(())
+            }
+            (Func::Physical(p), IrqIndex::Msi) => {
+                let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
+                if count > 1 {
+                    return Err(IrqError::NoSpace);
+                }
+                m.set_control(MsiControl { enabled: true, vectors_log2: 0 }, &VmmSink);
+                Ok(())
+            }
+            (Func::Notify(n), IrqIndex::Msix) => {
+                n.msix.set_control(MsixControl { enabled: true, function_masked: false }, &VmmSink);
+                Ok(())
+            }
+            _ => Err(IrqError::BadIndex),
+        }
+    }
+
+    fn disable(&mut self, index: IrqIndex) {
+        match (&mut *self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => p.msix_control(false, false),
+            (Func::Physical(p), IrqIndex::Msi) => {
+                if let Some(m) = p.msi.as_mut() {
+                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink);
+                }
+            }
+            (Func::Physical(p), IrqIndex::Err) => {
+                if let Some(c) = p.err.take() {
+                    POOL.free(c);
+                }
+            }
+            (Func::Physical(p), IrqIndex::Req) => {
+                if let Some(c) = p.req.take() {
+                    POOL.free(c);
+                }
+            }
+            (Func::Notify(n), IrqIndex::Msix) => {
+                n.msix.set_control(MsixControl { enabled: false, function_masked: false }, &VmmSink)
+            }
+            _ => {}
+        }
+    }
+
+    fn mask(&mut self, index: IrqIndex, vector: u32, state: MaskState) -> Result<(), IrqError> {
+        let bit = u64::from(state.is_masked());
+        let o = u64::from(vector) * 16 + 12;
+        match (&mut *self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                p.msix.as_mut().ok_or(IrqError::BadIndex)?.write_table(o, 4, bit, &VmmSink);
+                Ok(())
+            }
+            (Func::Notify(n), IrqIndex::Msix) => {
+                n.msix.write_table(o, 4, bit, &VmmSink);
+                Ok(())
+            }
+            (Func::Physical(p), IrqIndex::Msi) => {
+                // One message (see `PhysicalMsi`): its mask bit is bit 0.
+                let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
+                m.set_mask(if state.is_masked() { 1 << vector } else { 0 }, &VmmSink);
+                Ok(())
+            }
+            _ => Err(IrqError::BadIndex),
+        }
+    }
+
+    fn trigger(&mut self, index: IrqIndex, vector: u32) -> Result<(), IrqError> {
+        match (&mut *self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                let i = u16::try_from(vector).map_err(|_| IrqError::BadRange)?;
+                p.msix.as_ref().ok_or(IrqError::BadIndex)?.signal(i, &VmmSink);
+                Ok(())
+            }
+            (Func::Physical(p), IrqIndex::Msi) => {
+                p.msi.as_ref().ok_or(IrqError::BadIndex)?.signal(vector, &VmmSink);
+                Ok(())
+            }
+            (Func::Physical(p), IrqIndex::Err | IrqIndex::Req) => {
+                let c = if index == IrqIndex::Err { p.err } else { p.req };
+                if let Some(c) = c {
+                    POOL.signal(c, &VmmSink);
+                }
+                Ok(())
+            }
+            (Func::Notify(n), IrqIndex::Msix) => {
+                let i = u16::try_from(vector).map_err(|_| IrqError::BadRange)?;
+                n.msix.signal(i, &VmmSink);
+                Ok(())
+            }
+            _ => Err(IrqError::BadIndex),
+        }
+    }
+
+    fn bind(&mut self, index: IrqIndex, vector: u32, binding: Option<EventBinding>) -> Result<(), IrqError> {
+        let slots = self.slots;
+        match (&mut *self.control.func, index) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                msix_bind(p.msix.as_mut().ok_or(IrqError::BadIndex)?, &slots, vector, binding)
+            }
+            (Func::Notify(n), IrqIndex::Msix) => msix_bind(&mut n.msix, &slots, vector, binding),
+            (Func::Physical(p), IrqIndex::Msi) => {
+                let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
+                match binding {
+                    Some(b) => {
+                        let (address, data) = binding_target(&slots, b).ok_or(IrqError::BadData)?;
+                        m.set_address(address, &VmmSink);
+                        m.set_data(data as u16, &VmmSink);
+                    }
+                    None => m.set_address(0, &VmmSink),
+                }
+                Ok(())
+            }
+            (Func::Physical(p), IrqIndex::Err | IrqIndex::Req) => {
+                let cell = if index == IrqIndex::Err { &mut p.err } else { &mut p.req };
+                match binding {
+                    Some(b) => {
+                        let slot = slots.get(usize::from(b.vcpu)).copied().flatten().ok_or(IrqError::BadData)?;
+                        let c = match *cell {
+                            Some(c) => c,
+                            None => {
+                                let c = POOL.alloc().ok_or(IrqError::NoSpace)?;
+                                *cell = Some(c);
+                                c
+                            }
+                        };
+                        let ctx = POOL.get(c).ok_or(IrqError::NoSpace)?;
+                        let t = Target { slot, vector: b.vector };
+                        if !ctx.enable(t, MaskState::Unmasked) {
+                            ctx.retarget(t);
+                        }
+                    }
+                    None => {
+                        if let Some(c) = cell.take() {
+                            POOL.free(c);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(IrqError::BadIndex),
+        }
+    }
+}
+
+/// Runs `f` on the function the guest names by requester ID on its bus.
+fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots) -> R) -> Result<R, i64> {
+    let rid = u16::try_from(rid).map_err(|_| error::ENODEV)?;
+    let (bus_nr, device, function) = ((rid >> 8) as u8, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8);
+    let cell = BUSES.get(index).ok_or(error::ENODEV)?;
+    let mut retired = Retired::new();
+    let r = {
+        let mut guard = cell.lock();
+        let bus = active(&mut guard).ok_or(error::ENODEV)?;
+        let slots = bus.slots;
+        if bus_nr != 0 {
+            return Err(error::ENODEV);
+        }
+        let func = bus.function(device, function).ok_or(error::ENODEV)?;
+        let r = f(func, slots);
+        take_retired(bus, &mut retired);
+        r
+    };
+    free_retired(&mut retired);
+    Ok(r)
+}
+
+/// `IRQ_INFO` for partition `index`.
+pub fn irq_info(index: usize, rid: u64, irq_index: u64) -> i64 {
+    match with_function(index, rid, |func, slots| {
+        let ctx = ApiCtx { control: Control { func }, slots };
+        api::irq_info(&ctx, irq_index)
+    }) {
+        Ok(Ok(v)) => v as i64,
+        Ok(Err(e)) => e.code(),
+        Err(code) => code,
+    }
+}
+
+/// `SET_IRQS` for partition `index`; `data` was read from guest memory by the caller.
+pub fn set_irqs(index: usize, rid: u64, irq_index: u64, start: u64, count: u64, flags: u64, data: &[u8]) -> i64 {
+    match with_function(index, rid, |func, slots| {
+        let mut ctx = ApiCtx { control: Control { func }, slots };
+        api::set_irqs(&mut ctx, irq_index, start, count, flags, data)
+    }) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => e.code(),
+        Err(code) => code,
+    }
+}
+
+/// How many bytes of data a `SET_IRQS` call carries, validating the call first (nothing is
+/// applied): `Err(code)` for a request the API refuses before reading its data.
+pub fn set_irqs_data_bytes(
+    index: usize,
+    rid: u64,
+    irq_index: u64,
+    start: u64,
+    count: u64,
+    flags: u64,
+) -> Result<usize, i64> {
+    match with_function(index, rid, |func, slots| {
+        let ctx = ApiCtx { control: Control { func }, slots };
+        api::SetIrqs::parse(&ctx, irq_index, start, count, flags).map(|r| r.data_bytes())
+    }) {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(e.code()),
+        Err(code) => Err(code),
+    }
+}
+
+/// `IRQ_STATS` of vector `vector` at `irq_index` of the function `rid` of partition `index`.
+pub fn irq_stats(index: usize, rid: u64, irq_index: u64, vector: u64) -> Result<abi_irq::IrqStats, i64> {
+    let idx = IrqIndex::from_abi(irq_index).ok_or(error::EINVAL)?;
+    with_function(index, rid, |func, _| {
+        let none = || Err(error::EINVAL);
+        match (&*func, idx) {
+            (Func::Physical(p), IrqIndex::Msix) => {
+                let i = u16::try_from(vector).map_err(|_| error::EINVAL)?;
+                p.msix.as_ref().and_then(|m| m.entry_stats(i)).map_or_else(none, Ok)
+            }
+            (Func::Physical(p), IrqIndex::Msi) => {
+                let i = u32::try_from(vector).map_err(|_| error::EINVAL)?;
+                p.msi.as_ref().and_then(|m| m.vector_stats(i)).map_or_else(none, Ok)
+            }
+            (Func::Notify(n), IrqIndex::Msix) => {
+                let i = u16::try_from(vector).map_err(|_| error::EINVAL)?;
+                n.msix.entry_stats(i).map_or_else(none, Ok)
+            }
+            _ => none(),
+        }
+    })?
+}
+
+/// Prints the counters of every vector that saw a signal (at the end of a partition's run).
+pub fn report(index: usize) {
+    let Some(cell) = BUSES.get(index) else { return };
+    let mut guard = cell.lock();
+    let Some(bus) = active(&mut guard) else { return };
+    let print = |slot: usize, kind: &str, entry: u32, s: abi_irq::IrqStats| {
+        if s.raised == 0 && s.spurious == 0 {
+            return;
+        }
+        crate::println!(
+            "irq: partition {} 00:{:02x}.0 {} {}: raised {} delivered {} coalesced {} masked {} spurious {} pending {}",
+            index,
+            slot,
+            kind,
+            entry,
+            s.raised,
+            s.delivered,
+            s.coalesced,
+            s.pending_while_masked,
+            s.spurious,
+            s.pending
+        );
+        defmt::info!(
+            "irq: partition {=usize} 00:{=usize:02x}.0 {=str} {=u32}: raised {=u64} delivered {=u64} coalesced {=u64} masked {=u64} spurious {=u64}",
+            index,
+            slot,
+            kind,
+            entry,
+            s.raised,
+            s.delivered,
+            s.coalesced,
+            s.pending_while_masked,
+            s.spurious
+        );
+    };
+    for (i, f) in bus.functions.iter().enumerate() {
+        match f {
+            Func::Physical(p) => {
+                if let Some(m) = &p.msix {
+                    for e in 0..m.table_size() {
+                        if let Some(s) = m.entry_stats(e) {
+                            print(i + 1, "MSI-X entry", u32::from(e), s);
+                        }
+                    }
+                }
+                if let Some(m) = &p.msi
+                    && let Some(s) = m.vector_stats(0)
+                {
+                    print(i + 1, "MSI message", 0, s);
+                }
+            }
+            Func::Notify(n) => {
+                for e in 0..n.msix.table_size() {
+                    if let Some(s) = n.msix.entry_stats(e) {
+                        print(i + 1, "MSI-X entry", u32::from(e), s);
+                    }
+                }
+            }
+        }
+    }
+}
