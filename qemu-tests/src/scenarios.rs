@@ -823,6 +823,27 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: Expect::Success,
         timeout: TIMEOUT,
     },
+    Scenario {
+        name: "bench_forwarding",
+        sequence: Some("partitions"),
+        kernel_args: &["conduit.partition=b:guest=bench_irq,memory=16M,cpus=1,devices=00:02.0"],
+        guests: true,
+        cpu: DEFAULT_CPU,
+        about: "benchmark (cargo xtask bench): under -icount shift=0 the TSC counts instructions; edu MSIs forwarded to a guest spinning without exits: hypervisor instructions from the INTR exit to the next VMRUN, exits per forwarded interrupt",
+        smp: 2,
+        memory_mib: 256,
+        qemu_args: &["-device", "intel-iommu,intremap=on", "-device", "edu,addr=0x2", "-icount", "shift=0,align=off"],
+        disks: &[],
+        markers: &[
+            console_line("[b] bench_irq: 256 forwarded interrupts measured, each waited for without an exit"),
+            console("bench: partition 0 vcpu 0: 272 forwarded interrupts, INTR exit to next VMRUN mean "),
+            console("bench: partition 0 vcpu 0: measured window: 256 forwarded interrupts, "),
+            log("scenario partitions: PASS"),
+        ],
+        forbidden: NO_FAILURES,
+        expect: Expect::Success,
+        timeout: TIMEOUT,
+    },
 ];
 
 /// VT-d with interrupt remapping and an nvme (1 MiB namespace) at 00:03.0.

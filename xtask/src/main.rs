@@ -11,6 +11,11 @@
 //!   scenario; with names, only the image, the check and those scenarios. One line per step,
 //!   then `N passed, N failed`.
 //!
+//! - `bench [--qemu-only | --host-only]` — the benchmarks: every `bench_*` scenario under
+//!   `-icount shift=0,align=off` (the TSC counts instructions; their `bench:` lines are the
+//!   figures), then the criterion benches of the pure crates (`cargo bench`). Results go in
+//!   BENCHMARKS.md by hand, with this command.
+//!
 //! On a fresh machine it installs what is missing (the bare-metal Rust target; QEMU through
 //! apt when running as root) or says in one line what to run.
 
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         }),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         None | Some("help" | "-h" | "--help") => {
             println!("{}", USAGE);
             Ok(ExitCode::SUCCESS)
@@ -55,7 +61,8 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: cargo xtask build
        cargo xtask run [--scenario NAME] [--gdb] [--kernel-arg WORD]... [-- EXTRA QEMU ARGS]
-       cargo xtask test [SCENARIO...]";
+       cargo xtask test [SCENARIO...]
+       cargo xtask bench [--qemu-only | --host-only]";
 
 /// What `build` produced.
 struct Built {
@@ -136,6 +143,46 @@ fn run(args: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Crates with criterion benches.
+const BENCH_CRATES: &[&str] = &["conduit-irq"];
+
+fn bench(args: &[String]) -> Result<ExitCode> {
+    let (qemu, host) = match args.first().map(String::as_str) {
+        None => (true, true),
+        Some("--qemu-only") => (true, false),
+        Some("--host-only") => (false, true),
+        Some(other) => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+    };
+    let mut failed = false;
+    if qemu {
+        let built = build()?;
+        let qemu_bin = setup::find_or_install_qemu()?;
+        let table = load_table(&built.image)?;
+        let opts = RunOptions { bundle: Some(built.bundle.clone()), ..RunOptions::default() };
+        for s in scenarios::SCENARIOS.iter().filter(|s| s.name.starts_with("bench_")) {
+            println!("xtask: bench {} ({})", s.name, s.about);
+            let outcome = qemu::run(&qemu_bin, &built.image, table.clone(), s, &opts, |_| {})
+                .map_err(|e| format!("running QEMU: {e}"))?;
+            for l in outcome.console.iter().filter(|l| l.starts_with("bench:")) {
+                println!("    {l}");
+            }
+            if let Err(problems) = judge(s, &outcome) {
+                failed = true;
+                println!("xtask: bench {} FAILED:\n{}", s.name, indent(&problems.join("\n")));
+            }
+        }
+    }
+    if host {
+        for c in BENCH_CRATES {
+            if let Err(e) = workspace::cargo(&["bench", "-p", c]) {
+                failed = true;
+                println!("xtask: {e}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn names() -> String {

@@ -91,6 +91,13 @@ pub fn local() -> LocalApic<Regs> {
     LocalApic::new(Regs { mode, base: BASE.load(Ordering::Acquire) })
 }
 
+/// The local APIC of `me`, which must be the running CPU (saves looking it up again on the
+/// device-interrupt path).
+pub fn local_of(me: &super::percpu::PerCpu) -> LocalApic<Regs> {
+    let mode = if me.x2apic.load(Ordering::Acquire) { Mode::X2Apic } else { Mode::XApic };
+    LocalApic::new(Regs { mode, base: BASE.load(Ordering::Acquire) })
+}
+
 /// True once the local APIC access is set up.
 pub fn ready() -> bool {
     MODE.load(Ordering::Acquire) != 0

@@ -65,11 +65,53 @@ extern "C" fn entry_stubs() {
         ".byte 0x68",
         ".long conduit_vec",
         ".byte 0xe9",
+        ".if (conduit_vec >= {first_device}) && (conduit_vec <= {last_device})",
+        ".long {device} - . - 4",
+        ".else",
         ".long {common} - . - 4",
+        ".endif",
         ".byte 0xcc, 0xcc, 0xcc, 0xcc",
         ".set conduit_vec, conduit_vec + 1",
         ".endr",
         common = sym entry_common,
+        device = sym entry_device,
+        first_device = const crate::vmm::irq::FIRST_DEVICE_VECTOR,
+        last_device = const crate::vmm::irq::LAST_DEVICE_VECTOR,
+    )
+}
+
+/// Entry of the guest-device vectors (the forwarding fast path): saves only the registers a
+/// Rust call may clobber (the handler never looks at or changes the interrupted context), calls
+/// `vmm::irq::device_interrupt(vector)`, which routes the interrupt and sends the EOI, restores
+/// them and returns. The CPU's frame (5 quadwords), the stub's two and these nine keep RSP
+/// 16-byte aligned for the call.
+#[unsafe(naked)]
+extern "C" fn entry_device() {
+    core::arch::naked_asm!(
+        "push rax",
+        "push rcx",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "push r8",
+        "push r9",
+        "push r10",
+        "push r11",
+        "mov edi, [rsp + 72]",
+        "cld",
+        "call {handler}",
+        "pop r11",
+        "pop r10",
+        "pop r9",
+        "pop r8",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        "pop rax",
+        "add rsp, 16",
+        "iretq",
+        handler = sym crate::vmm::irq::device_interrupt,
     )
 }
 

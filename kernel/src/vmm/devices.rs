@@ -575,11 +575,11 @@ pub fn detach(index: usize) {
         for f in bus.functions.iter_mut() {
             if let Func::Physical(p) = f {
                 if let Some(m) = p.msix.as_mut() {
-                    m.set_control(MsixControl { enabled: false, function_masked: true }, &VmmSink);
+                    m.set_control(MsixControl { enabled: false, function_masked: true }, &VmmSink::here());
                     let _ = drain.extend_from_slice(&m.backend().retired);
                 }
                 if let Some(m) = p.msi.as_mut() {
-                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink);
+                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink::here());
                     let _ = drain.extend_from_slice(&m.backend().retired);
                 }
                 for c in [p.err.take(), p.req.take()].into_iter().flatten() {
@@ -716,22 +716,22 @@ impl Physical {
                 }
                 ConfigEvent::MsiControl { enabled, vectors_log2 } => {
                     if let Some(m) = self.msi.as_mut() {
-                        m.set_control(MsiControl { enabled, vectors_log2 }, &VmmSink);
+                        m.set_control(MsiControl { enabled, vectors_log2 }, &VmmSink::here());
                     }
                 }
                 ConfigEvent::MsiAddress(a) => {
                     if let Some(m) = self.msi.as_mut() {
-                        m.set_address(a, &VmmSink);
+                        m.set_address(a, &VmmSink::here());
                     }
                 }
                 ConfigEvent::MsiData(d) => {
                     if let Some(m) = self.msi.as_mut() {
-                        m.set_data(d, &VmmSink);
+                        m.set_data(d, &VmmSink::here());
                     }
                 }
                 ConfigEvent::MsiMask(bits) => {
                     if let Some(m) = self.msi.as_mut() {
-                        m.set_mask(bits, &VmmSink);
+                        m.set_mask(bits, &VmmSink::here());
                     }
                 }
                 ConfigEvent::MsixControl { enabled, function_masked } => self.msix_control(enabled, function_masked),
@@ -753,7 +753,7 @@ impl Physical {
             let c = cfg.read16(self.host, off);
             cfg.write16(self.host, off, (c | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
         }
-        front.set_control(MsixControl { enabled, function_masked }, &VmmSink);
+        front.set_control(MsixControl { enabled, function_masked }, &VmmSink::here());
         if !enabled && hw_on {
             let c = cfg.read16(self.host, off);
             cfg.write16(self.host, off, c & !MSIX_ENABLE);
@@ -776,7 +776,7 @@ impl Physical {
                 let o = off - table.start;
                 return match write {
                     Some(v) => {
-                        front.write_table(o, size, v, &VmmSink);
+                        front.write_table(o, size, v, &VmmSink::here());
                         Some(0)
                     }
                     None => Some(front.read_table(o, size)),
@@ -817,7 +817,7 @@ impl NotifyFn {
             let o = off - table.start;
             return match write {
                 Some(v) => {
-                    self.msix.write_table(o, size, v, &VmmSink);
+                    self.msix.write_table(o, size, v, &VmmSink::here());
                     Some(0)
                 }
                 None => Some(self.msix.read_table(o, size)),
@@ -833,7 +833,7 @@ impl NotifyFn {
             Some(v) => {
                 match self.model.register_write(off, size, v) {
                     NotifyEvent::Signal(i) => {
-                        self.msix.signal(i, &VmmSink);
+                        self.msix.signal(i, &VmmSink::here());
                     }
                     NotifyEvent::BadSignal(i) => defmt::debug!("vmm: notify: signal of entry {=u32} (none)", i),
                     _ => {}
@@ -846,7 +846,7 @@ impl NotifyFn {
 
     fn config_write(&mut self, offset: u16, width: u8, value: u32) {
         if let NotifyEvent::MsixControl { enabled, function_masked } = self.model.config_write(offset, width, value) {
-            self.msix.set_control(MsixControl { enabled, function_masked }, &VmmSink);
+            self.msix.set_control(MsixControl { enabled, function_masked }, &VmmSink::here());
         }
     }
 }
@@ -1014,17 +1014,17 @@ fn msix_bind<B: Backend>(
     b: Option<EventBinding>,
 ) -> Result<(), IrqError> {
     let o = u64::from(v) * 16;
-    front.write_table(o + 12, 4, 1, &VmmSink);
+    front.write_table(o + 12, 4, 1, &VmmSink::here());
     if let Some(b) = b {
         let (address, data) = binding_target(slots, b).ok_or(IrqError::BadData)?;
-        front.write_table(o, 4, address & 0xffff_ffff, &VmmSink);
-        front.write_table(o + 4, 4, address >> 32, &VmmSink);
-        front.write_table(o + 8, 4, u64::from(data), &VmmSink);
-        front.write_table(o + 12, 4, 0, &VmmSink);
+        front.write_table(o, 4, address & 0xffff_ffff, &VmmSink::here());
+        front.write_table(o + 4, 4, address >> 32, &VmmSink::here());
+        front.write_table(o + 8, 4, u64::from(data), &VmmSink::here());
+        front.write_table(o + 12, 4, 0, &VmmSink::here());
     } else {
-        front.write_table(o, 4, 0, &VmmSink);
-        front.write_table(o + 4, 4, 0, &VmmSink);
-        front.write_table(o + 8, 4, 0, &VmmSink);
+        front.write_table(o, 4, 0, &VmmSink::here());
+        front.write_table(o + 4, 4, 0, &VmmSink::here());
+        front.write_table(o + 8, 4, 0, &VmmSink::here());
     }
     Ok(())
 }
@@ -1072,11 +1072,11 @@ impl IrqControl for ApiCtx<'_> {
                 if count > 1 {
                     return Err(IrqError::NoSpace);
                 }
-                m.set_control(MsiControl { enabled: true, vectors_log2: 0 }, &VmmSink);
+                m.set_control(MsiControl { enabled: true, vectors_log2: 0 }, &VmmSink::here());
                 Ok(())
             }
             (Func::Notify(n), IrqIndex::Msix) => {
-                n.msix.set_control(MsixControl { enabled: true, function_masked: false }, &VmmSink);
+                n.msix.set_control(MsixControl { enabled: true, function_masked: false }, &VmmSink::here());
                 Ok(())
             }
             _ => Err(IrqError::BadIndex),
@@ -1088,7 +1088,7 @@ impl IrqControl for ApiCtx<'_> {
             (Func::Physical(p), IrqIndex::Msix) => p.msix_control(false, false),
             (Func::Physical(p), IrqIndex::Msi) => {
                 if let Some(m) = p.msi.as_mut() {
-                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink);
+                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink::here());
                 }
             }
             (Func::Physical(p), IrqIndex::Err) => {
@@ -1102,7 +1102,7 @@ impl IrqControl for ApiCtx<'_> {
                 }
             }
             (Func::Notify(n), IrqIndex::Msix) => {
-                n.msix.set_control(MsixControl { enabled: false, function_masked: false }, &VmmSink)
+                n.msix.set_control(MsixControl { enabled: false, function_masked: false }, &VmmSink::here())
             }
             _ => {}
         }
@@ -1113,17 +1113,17 @@ impl IrqControl for ApiCtx<'_> {
         let o = u64::from(vector) * 16 + 12;
         match (&mut *self.control.func, index) {
             (Func::Physical(p), IrqIndex::Msix) => {
-                p.msix.as_mut().ok_or(IrqError::BadIndex)?.write_table(o, 4, bit, &VmmSink);
+                p.msix.as_mut().ok_or(IrqError::BadIndex)?.write_table(o, 4, bit, &VmmSink::here());
                 Ok(())
             }
             (Func::Notify(n), IrqIndex::Msix) => {
-                n.msix.write_table(o, 4, bit, &VmmSink);
+                n.msix.write_table(o, 4, bit, &VmmSink::here());
                 Ok(())
             }
             (Func::Physical(p), IrqIndex::Msi) => {
                 // One message (see `PhysicalMsi`): its mask bit is bit 0.
                 let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
-                m.set_mask(if state.is_masked() { 1 << vector } else { 0 }, &VmmSink);
+                m.set_mask(if state.is_masked() { 1 << vector } else { 0 }, &VmmSink::here());
                 Ok(())
             }
             _ => Err(IrqError::BadIndex),
@@ -1134,23 +1134,23 @@ impl IrqControl for ApiCtx<'_> {
         match (&mut *self.control.func, index) {
             (Func::Physical(p), IrqIndex::Msix) => {
                 let i = u16::try_from(vector).map_err(|_| IrqError::BadRange)?;
-                p.msix.as_ref().ok_or(IrqError::BadIndex)?.signal(i, &VmmSink);
+                p.msix.as_ref().ok_or(IrqError::BadIndex)?.signal(i, &VmmSink::here());
                 Ok(())
             }
             (Func::Physical(p), IrqIndex::Msi) => {
-                p.msi.as_ref().ok_or(IrqError::BadIndex)?.signal(vector, &VmmSink);
+                p.msi.as_ref().ok_or(IrqError::BadIndex)?.signal(vector, &VmmSink::here());
                 Ok(())
             }
             (Func::Physical(p), IrqIndex::Err | IrqIndex::Req) => {
                 let c = if index == IrqIndex::Err { p.err } else { p.req };
                 if let Some(c) = c {
-                    POOL.signal(c, &VmmSink);
+                    POOL.signal(c, &VmmSink::here());
                 }
                 Ok(())
             }
             (Func::Notify(n), IrqIndex::Msix) => {
                 let i = u16::try_from(vector).map_err(|_| IrqError::BadRange)?;
-                n.msix.signal(i, &VmmSink);
+                n.msix.signal(i, &VmmSink::here());
                 Ok(())
             }
             _ => Err(IrqError::BadIndex),
@@ -1169,10 +1169,10 @@ impl IrqControl for ApiCtx<'_> {
                 match binding {
                     Some(b) => {
                         let (address, data) = binding_target(&slots, b).ok_or(IrqError::BadData)?;
-                        m.set_address(address, &VmmSink);
-                        m.set_data(data as u16, &VmmSink);
+                        m.set_address(address, &VmmSink::here());
+                        m.set_data(data as u16, &VmmSink::here());
                     }
-                    None => m.set_address(0, &VmmSink),
+                    None => m.set_address(0, &VmmSink::here()),
                 }
                 Ok(())
             }

@@ -196,10 +196,9 @@ pub fn stop_partition_of(cpu: usize, partition: usize) {
 
 pub use build::{bundle, create, host_address, partition_info, start, teardown};
 
-/// Sets up what every partition shares (the I/O and MSR permission maps, the entries of the
-/// guest-device host vectors), at bring-up.
+/// Sets up what every partition shares (the I/O and MSR permission maps), at bring-up. The
+/// guest-device host vectors have their own IDT entry (`arch::idt`), always installed.
 pub fn init() -> Result<(), BuildError> {
-    irq::init();
     build::permission_maps().map(|_| ())
 }
 pub use run::run_here;

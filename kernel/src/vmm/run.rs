@@ -178,11 +178,77 @@ impl KernelEnv<'_> {
     }
 }
 
-/// Arms this CPU's local APIC timer to fire at TSC `deadline` (at once if it passed).
-fn arm_timer(deadline: Option<u64>) {
-    match deadline {
-        Some(d) => time::start_oneshot_at(d),
-        None => time::stop_timer(),
+/// The forwarding benchmark, measured on every run: for each exit during which a device
+/// interrupt was routed to this CPU (an INTR exit caused by a forwarded interrupt), the TSC from
+/// the exit (read in the VMRUN stub before the host takes the interrupt) to the next VMRUN —
+/// under `-icount shift=0` that is the hypervisor's instruction count. Exits per forwarded
+/// interrupt are counted in the window the guest marks with `SIGNAL 1` … `SIGNAL 2`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ForwardBench {
+    samples: u64,
+    sum: u64,
+    max: u64,
+    /// (exits, samples) when the window opened.
+    window_start: Option<(u64, u64)>,
+    /// (exits, forwarded interrupts) in the closed window.
+    window: Option<(u64, u64)>,
+}
+
+impl ForwardBench {
+    fn record(&mut self, cost: u64) {
+        // Kept to a few instructions: they are inside what is measured.
+        self.max = self.max.max(cost);
+        self.sum = self.sum.wrapping_add(cost);
+        self.samples += 1;
+    }
+
+    fn signal(&mut self, value: u64, exits: u64) {
+        match (value, self.window_start) {
+            (1, None) => self.window_start = Some((exits, self.samples)),
+            (2, Some((e0, s0))) if self.window.is_none() => {
+                // The SIGNAL 2 exit itself is the guest's, not an interrupt's.
+                self.window = Some((exits.saturating_sub(e0).saturating_sub(1), self.samples - s0));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// This CPU's local APIC timer as the vCPU loop left it: it backs the virtual timer's deadline.
+/// Reprogrammed only when the deadline changes, or after the timer fired (it may fire a little
+/// before the TSC deadline: the rates are converted), so the entry path does not touch the
+/// APIC on every VMRUN.
+#[derive(Debug)]
+struct HostTimer {
+    /// The deadline armed (`None`: stopped), or `Unknown` after it fired.
+    armed: Option<Option<u64>>,
+    ticks_seen: u64,
+}
+
+impl HostTimer {
+    fn new() -> Self {
+        Self { armed: None, ticks_seen: crate::arch::percpu::this_cpu().timer_ticks.load(Ordering::Relaxed) }
+    }
+
+    /// Arms this CPU's timer to fire at TSC `deadline` (at once if it passed), or stops it.
+    fn arm(&mut self, deadline: Option<u64>) {
+        if deadline.is_none() && self.armed == Some(None) {
+            // Stopped and staying stopped (whatever fired meanwhile was not ours).
+            return;
+        }
+        let ticks = crate::arch::percpu::this_cpu().timer_ticks.load(Ordering::Relaxed);
+        if ticks != self.ticks_seen {
+            self.ticks_seen = ticks;
+            self.armed = None;
+        }
+        if self.armed == Some(deadline) {
+            return;
+        }
+        match deadline {
+            Some(d) => time::start_oneshot_at(d),
+            None => time::stop_timer(),
+        }
+        self.armed = Some(deadline);
     }
 }
 
@@ -234,6 +300,10 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         launch.vcpu,
         launch.asid
     );
+    let mut bench = ForwardBench::default();
+    let mut host_timer = HostTimer::new();
+    let mut forwarding_exit: Option<u64> = None;
+    let mut signal_seen = slot.signal.load(Ordering::Acquire);
     let stop = loop {
         interrupts::disable();
         if slot.stop_requested.load(Ordering::Acquire) {
@@ -247,7 +317,12 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
             vmcb.control.tlb_control = conduit_vm::vmcb::tlb_control::FLUSH_ALL;
             tlb_seen = tlb_now;
         }
-        arm_timer(vcpu.lapic.timer_deadline());
+        host_timer.arm(vcpu.lapic.timer_deadline());
+        let entry_tsc = time::rdtsc();
+        if let Some(exit_tsc) = forwarding_exit.take() {
+            bench.record(entry_tsc.wrapping_sub(exit_tsc));
+        }
+        let routed_before = super::irq::routed(cpu);
         // SAFETY:
         // 1. SVM is on for this CPU and `host` is its host VMCB (checked above).
         // 2. `vmcb` is this vCPU's, exclusively ours (see above); it was built by
@@ -255,9 +330,18 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         //    frames, VMRUN and every I/O port and MSR intercepted.
         // 3. `vcpu.gprs` is a live, exclusively borrowed `Gprs`.
         // 4. Interrupts are disabled (just above).
-        let _exit_tsc = unsafe { svm::vmrun(launch.vmcb_pa, host, &mut vcpu.gprs) };
+        let exit_tsc = unsafe { svm::vmrun(launch.vmcb_pa, host, &mut vcpu.gprs) };
         vmcb.control.tlb_control = tlb_control::NONE;
-        match vcpu.handle_exit(vmcb, &slot.pending, &mut env) {
+        if vmcb.control.exit_code == conduit_vm::vmcb::exit::INTR && super::irq::routed(cpu) != routed_before {
+            forwarding_exit = Some(exit_tsc);
+        }
+        let action = vcpu.handle_exit(vmcb, &slot.pending, &mut env);
+        let signal_now = slot.signal.load(Ordering::Acquire);
+        if signal_now != signal_seen {
+            bench.signal(signal_now, vcpu.stats.exits);
+            signal_seen = signal_now;
+        }
+        match action {
             Action::Resume => {}
             Action::Halt => {
                 slot.set_state(VcpuState::Halted);
@@ -267,7 +351,7 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
                         interrupts::enable();
                         break;
                     }
-                    arm_timer(vcpu.lapic.timer_deadline());
+                    host_timer.arm(vcpu.lapic.timer_deadline());
                     // `sti; hlt`: a kick or timer after the check above still ends the hlt.
                     interrupts::enable_and_hlt();
                 }
@@ -277,6 +361,33 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         }
     };
     vcpu.flush_console(&mut env);
+    if let Some(mean) = bench.sum.checked_div(bench.samples) {
+        println!(
+            "bench: partition {} vcpu {}: {} forwarded interrupts, INTR exit to next VMRUN mean {} max {} TSC ticks",
+            launch.partition, launch.vcpu, bench.samples, mean, bench.max
+        );
+        defmt::info!(
+            "bench: partition {=usize} vcpu {=u32}: {=u64} forwarded, exit to VMRUN mean {=u64} max {=u64}",
+            launch.partition,
+            launch.vcpu,
+            bench.samples,
+            mean,
+            bench.max
+        );
+        if let Some((exits, forwarded)) = bench.window
+            && forwarded > 0
+        {
+            println!(
+                "bench: partition {} vcpu {}: measured window: {} forwarded interrupts, {} exits: {}.{:02} exits per forwarded interrupt",
+                launch.partition,
+                launch.vcpu,
+                forwarded,
+                exits,
+                exits / forwarded,
+                exits % forwarded * 100 / forwarded
+            );
+        }
+    }
     (stop, vcpu.stats)
 }
 

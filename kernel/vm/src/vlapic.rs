@@ -107,6 +107,8 @@ pub struct VLapic {
     tpr: u8,
     svr: u32,
     isr: VectorSet,
+    /// The highest in-service vector (0 when none), kept with `isr`.
+    isr_highest: u8,
     esr: u32,
     icr_high: u32,
     ldr: u32,
@@ -132,6 +134,7 @@ impl VLapic {
             tpr: 0,
             svr: SVR_ENABLED | 0xff,
             isr: VectorSet::EMPTY,
+            isr_highest: 0,
             esr: 0,
             icr_high: 0,
             ldr: 0,
@@ -183,7 +186,7 @@ impl VLapic {
 
     /// Processor priority: the higher of TPR and the highest in-service vector's class.
     pub fn ppr(&self) -> u8 {
-        let isrv = self.isr.highest().unwrap_or(0);
+        let isrv = self.isr_highest;
         if (self.tpr & 0xf0) >= (isrv & 0xf0) { self.tpr } else { isrv & 0xf0 }
     }
 
@@ -198,7 +201,7 @@ impl VLapic {
     /// vector): an interrupt window with that priority opens when the guest lowers its TPR.
     pub fn blocked_by_tpr(&self, pending: &PendingVectors) -> Option<u8> {
         let v = pending.highest()?;
-        let isr_class = self.isr.highest().unwrap_or(0) & 0xf0;
+        let isr_class = self.isr_highest & 0xf0;
         ((v & 0xf0) > isr_class && (v & 0xf0) <= (self.tpr & 0xf0)).then_some(v)
     }
 
@@ -208,6 +211,7 @@ impl VLapic {
         if pending.take(vector) {
             if !self.auto_eoi.contains(vector) {
                 self.isr.insert(vector);
+                self.isr_highest = self.isr_highest.max(vector);
             }
             true
         } else {
@@ -219,6 +223,7 @@ impl VLapic {
     pub fn eoi(&mut self) -> Option<u8> {
         let v = self.isr.highest()?;
         self.isr.remove(v);
+        self.isr_highest = self.isr.highest().unwrap_or(0);
         Some(v)
     }
 

@@ -113,6 +113,14 @@ pub fn uptime_us() -> u64 {
     unsafe { call(nr::UPTIME_US, 0, 0) as u64 }
 }
 
+/// `AUTO_EOI`: asks that `vector` be taken without an EOI (`enable`) or with one again; 0 or
+/// the negative error code. Use `interrupts::set_auto_eoi`, which also tells the dispatcher.
+pub fn auto_eoi(vector: u8, enable: bool) -> i64 {
+    // SAFETY:
+    // 1. AUTO_EOI writes no guest memory.
+    unsafe { call(nr::AUTO_EOI, u64::from(vector), u64::from(enable)) }
+}
+
 /// `MAILBOX`: the word the hypervisor last posted to this vCPU (0 if none).
 pub fn mailbox() -> u64 {
     // SAFETY:

@@ -112,6 +112,28 @@ pub fn register(vector: u8, handler: fn(u8)) {
     HANDLERS[usize::from(vector)].store(handler as usize, Ordering::Release);
 }
 
+/// Vectors taken without an EOI (`set_auto_eoi`).
+static AUTO_EOI: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+
+/// Has `vector` taken without an EOI (the `AUTO_EOI` hypercall: it never enters the virtual
+/// ISR) and stops the dispatcher from writing EOI for it; returns the hypercall's result.
+pub fn set_auto_eoi(vector: u8, enable: bool) -> i64 {
+    let r = crate::hypercall::auto_eoi(vector, enable);
+    if r == 0 {
+        let (word, bit) = (usize::from(vector) / 64, 1usize << (vector % 64));
+        if enable {
+            AUTO_EOI[word].fetch_or(bit, Ordering::AcqRel);
+        } else {
+            AUTO_EOI[word].fetch_and(!bit, Ordering::AcqRel);
+        }
+    }
+    r
+}
+
+fn auto_eoi(vector: u8) -> bool {
+    AUTO_EOI[usize::from(vector) / 64].load(Ordering::Acquire) & (1usize << (vector % 64)) != 0
+}
+
 /// Removes the handler of `vector`.
 pub fn unregister(vector: u8) {
     HANDLERS[usize::from(vector)].store(0, Ordering::Release);
@@ -199,7 +221,9 @@ extern "sysv64" fn dispatch(frame: &Frame) {
     }
     // Counted after the handler, so a waiter that sees the count also sees the handler's work.
     COUNTS[usize::from(vector)].fetch_add(1, Ordering::AcqRel);
-    lapic::eoi();
+    if !auto_eoi(vector) {
+        lapic::eoi();
+    }
 }
 
 /// Reports a CPU exception and stops the vCPU.

@@ -497,6 +497,12 @@ impl Vcpu {
         }
         c.int_ctl &= !(int_ctl::V_IRQ | int_ctl::V_IGN_TPR | 0xf << int_ctl::V_INTR_PRIO_SHIFT);
         c.event_inj = 0;
+        // The forwarding fast path: a physical interrupt (a device's, for this vCPU) with no
+        // event in flight needs nothing more; injection happens in `prepare_entry`.
+        if c.exit_code == exit::INTR && c.exit_int_info & vmcb::EVENT_VALID == 0 {
+            self.stats.host_interrupts += 1;
+            return Action::Resume;
+        }
         if let Some(e) = Event::decode(c.exit_int_info) {
             // Without next-RIP saving, software interrupts (INTn, INT3, INTO) are not
             // re-injected: RIP still points at the instruction, which runs again.
