@@ -90,6 +90,15 @@ impl HostVectorTable {
             .is_some_and(|e| e.compare_exchange(encode(ctx), FREE, Ordering::AcqRel, Ordering::Relaxed).is_ok())
     }
 
+    /// Points `vector` at `to` if it still maps `from` (one CAS); returns whether it did. Used
+    /// to park a vector that is being retired on a context that is never enabled, so anything
+    /// still on its way to it is counted as spurious instead of reaching whoever reuses `from`.
+    pub fn replace(&self, vector: u8, from: ContextId, to: ContextId) -> bool {
+        self.entries
+            .get(usize::from(vector))
+            .is_some_and(|e| e.compare_exchange(encode(from), encode(to), Ordering::AcqRel, Ordering::Relaxed).is_ok())
+    }
+
     /// The context `vector` feeds, O(1): one load.
     #[inline]
     pub fn lookup(&self, vector: u8) -> Option<ContextId> {
@@ -128,6 +137,17 @@ mod tests {
         assert_eq!(t.allocate(ContextId(3)), Some(0x40));
         assert_eq!(t.in_use(), 3);
         assert!(!t.free(0x10, ContextId(0)), "outside the range nothing is mapped");
+    }
+
+    #[test]
+    fn replace_moves_a_mapping_only_from_its_owner() {
+        let t = HostVectorTable::new();
+        let v = t.allocate(ContextId(3)).unwrap();
+        assert!(!t.replace(v, ContextId(4), ContextId(9)), "not the owner");
+        assert!(t.replace(v, ContextId(3), ContextId(9)));
+        assert_eq!(t.lookup(v), Some(ContextId(9)));
+        assert!(!t.free(v, ContextId(3)));
+        assert!(t.free(v, ContextId(9)));
     }
 
     #[test]

@@ -40,6 +40,7 @@ fn wait_stopped(cpu: u8, timeout_us: u64) -> Result<Outcome, &'static str> {
 fn run_set(specs: &[conduit_vm::partition::Spec]) -> Result<heapless::Vec<(usize, u8, Outcome), 16>, &'static str> {
     let bundle = vmm::bundle().map_err(build_error)?;
     let (free_before, _) = crate::mem::stats();
+    let faults_before = crate::iommu::with_fault_log(|l| l.total);
     let mut indices: heapless::Vec<usize, { partitions::MAX }> = heapless::Vec::new();
     for spec in specs {
         let i = vmm::create(spec, &bundle).map_err(build_error)?;
@@ -68,8 +69,14 @@ fn run_set(specs: &[conduit_vm::partition::Spec]) -> Result<heapless::Vec<(usize
     let (free_after, _) = crate::mem::stats();
     println!("vmm: {} partition(s) torn down, {} frames returned", indices.len(), frames);
     println!("irq: {} stray device interrupts (host vectors with no context)", vmm::irq::stray());
+    let vectors: usize = vmm::irq::HOST_VECTORS.iter().map(|t| t.in_use()).sum();
+    let contexts = vmm::irq::POOL.in_use();
+    println!("irq: after teardown {} host vectors and {} contexts in use", vectors, contexts);
+    let faults = crate::iommu::with_fault_log(|l| l.total) - faults_before;
+    println!("iommu: {} DMA or interrupt-remapping faults during the run", faults);
     defmt::info!("vmm: torn down; free frames {=u64} before, {=u64} after", free_before, free_after);
     check(free_after == free_before, "frames were lost across the run")?;
+    check(vectors == 0 && contexts == 0, "host vectors or contexts leaked across the run")?;
     Ok(outcomes)
 }
 

@@ -460,7 +460,11 @@ pub fn start(index: usize) -> Result<(), BuildError> {
     let p = parts.get(index).and_then(Option::as_ref).ok_or(BuildError::NoPartition(index))?;
     for &cpu in &p.spec.cpus {
         let s = slot(usize::from(cpu)).ok_or(BuildError::Launch(cpu))?;
-        if matches!(s.state(), VcpuState::Starting | VcpuState::Running | VcpuState::Halted) {
+        // A stopped vCPU whose partition was not torn down still owns the slot: contexts name
+        // their target by CPU, so its device interrupts would reach the newcomer.
+        if matches!(s.state(), VcpuState::Starting | VcpuState::Running | VcpuState::Halted)
+            || s.owner.load(Ordering::Acquire) != 0
+        {
             return Err(BuildError::CpuBusy(cpu));
         }
     }
@@ -517,12 +521,18 @@ pub fn teardown(index: usize) -> Result<u64, BuildError> {
     // Devices first: quiesced and unassigned before their DMA domain and the RAM it maps go.
     drop(parts);
     super::devices::report(index);
-    super::devices::detach(index);
+    let devices_clean = super::devices::detach(index);
     let mut parts = PARTITIONS.lock();
     let Some(entry) = parts.get_mut(index) else { return Err(BuildError::NoPartition(index)) };
     let Some(p) = entry.take() else { return Err(BuildError::NoPartition(index)) };
-    let mut frames = p.memory.backed() / PAGE_SIZE;
-    free_ram(&p.memory);
+    let mut frames = 0;
+    if devices_clean {
+        frames += p.memory.backed() / PAGE_SIZE;
+        free_ram(&p.memory);
+    } else {
+        // A device may still reach this RAM by DMA: keep it out of the allocator (leaked).
+        defmt::error!("vmm: partition {=usize}: guest RAM kept (not freed): a device was not given back", index);
+    }
     for &f in &p.vmcbs {
         if crate::mem::free_frame(f).is_ok() {
             frames += 1;

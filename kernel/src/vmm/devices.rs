@@ -42,8 +42,13 @@ pub const REGION_WINDOW: u16 = 1;
 const TABLE_ENTRIES: usize = 128;
 /// Functions on one guest bus.
 const MAX_FUNCTIONS: usize = MAX_DEVICES + MAX_VDEVS;
-/// Host vectors waiting for their old CPU to drain after a retarget.
-const MAX_RETIRED: usize = 32;
+/// Host vectors waiting for their old CPU to drain (after a retarget or a free): room for every
+/// entry of a table plus the MSI vector and some slack, so one control operation never has to
+/// drop one; a retarget that would overflow it is refused instead (`RouteError::Busy`).
+const MAX_RETIRED: usize = TABLE_ENTRIES + 16;
+/// The context a freed host vector is parked on while its CPU drains: outside every pool, so a
+/// late message is counted as stray and can never reach a context that was freed and reused.
+const PARKED: ContextId = ContextId(u16::MAX);
 
 type Msix<B> = MsixFrontEnd<'static, B, TABLE_ENTRIES, MAX_CONTEXTS>;
 type Msi<B> = MsiFrontEnd<'static, B, MAX_CONTEXTS>;
@@ -81,6 +86,9 @@ pub enum RouteError {
     /// The vector is beyond what the backend keeps (MSI multi-message needs a block of
     /// remapping entries, not offered yet).
     Unsupported,
+    /// Too many old host vectors are still draining: the remapping entry stays on its CPU
+    /// (the context already delivers to the new target, so nothing is lost).
+    Busy,
 }
 
 /// Old host vectors of retargeted entries: still mapped to their context until the old CPU has
@@ -122,48 +130,53 @@ fn reroute(
     if new.slot == route.cpu {
         return Ok(());
     }
+    if retired.is_full() {
+        return Err(RouteError::Busy);
+    }
     let table = HOST_VECTORS.get(usize::from(new.slot)).ok_or(RouteError::NoHostVector)?;
     let apic = apic_of(new.slot).ok_or(RouteError::NoHostVector)?;
     let vector = table.allocate(ctx).ok_or(RouteError::NoHostVector)?;
     if let Err(e) = iommu::retarget_interrupt(dev, route.irte, InterruptTarget { apic_id: apic, vector }) {
-        table.free(vector, ctx);
+        // The entry's state is unknown after a failed invalidation (its low half may already
+        // name the new vector): keep the new vector on the route and retire the old one, so
+        // whichever the device uses still reaches this context.
+        defmt::error!("vmm: retargeting an interrupt of {}: {}", dev, e);
+        let _ = retired.push((route.cpu, route.vector, ctx));
+        route.cpu = new.slot;
+        route.vector = vector;
         return Err(RouteError::Iommu(e));
     }
-    if retired.push((route.cpu, route.vector, ctx)).is_err() {
-        // No room to drain it later: leave it mapped (a leaked host vector, never a lost
-        // interrupt).
-        defmt::warn!(
-            "vmm: retired host vector list full; cpu {=u8} vector {=u8:#x} stays mapped",
-            route.cpu,
-            route.vector
-        );
-    }
+    // Cannot fail: checked for room above, and nothing else pushed since.
+    let _ = retired.push((route.cpu, route.vector, ctx));
     route.cpu = new.slot;
     route.vector = vector;
     Ok(())
 }
 
-/// Frees a route: the remapping entry first (the device can no longer reach the vector),
-/// then the host vector (late arrivals find no context: counted as stray).
+/// Frees a route: the remapping entry first (the device can no longer reach the vector), then
+/// the host vector is parked (a late message is stray, never another context's) and retired,
+/// to be freed once its CPU drained.
 fn unroute(dev: PciAddress, route: HostRoute, ctx: ContextId, retired: &mut Retired) {
     if let Err(e) = iommu::free_interrupt(dev, route.irte) {
         defmt::error!("vmm: freeing the remapping entry of {}: {}", dev, e);
     }
-    if let Some(t) = HOST_VECTORS.get(usize::from(route.cpu)) {
-        t.free(route.vector, ctx);
-    }
-    // Older vectors of this context still waiting to drain go now too: the context is about
-    // to be freed and may be reused.
-    retired.retain(|&(cpu, vector, c)| {
-        if c == ctx {
-            if let Some(t) = HOST_VECTORS.get(usize::from(cpu)) {
-                t.free(vector, c);
-            }
-            false
-        } else {
-            true
+    // Older vectors of this context still waiting to drain are parked too: the context is
+    // about to be freed and may be reused.
+    for item in retired.iter_mut().filter(|i| i.2 == ctx) {
+        if let Some(t) = HOST_VECTORS.get(usize::from(item.0))
+            && t.replace(item.1, ctx, PARKED)
+        {
+            item.2 = PARKED;
         }
-    });
+    }
+    if let Some(t) = HOST_VECTORS.get(usize::from(route.cpu))
+        && t.replace(route.vector, ctx, PARKED)
+        && retired.push((route.cpu, route.vector, PARKED)).is_err()
+    {
+        // No room to drain it: parked, so freeing it now can at worst turn a late message into
+        // a stray on whoever gets the vector next on that CPU.
+        t.free(route.vector, PARKED);
+    }
 }
 
 /// The physical MSI-X backend: the real table is Conduit's; a live entry gets a remapping
@@ -460,8 +473,8 @@ pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, D
         }
         Ok(true)
     })();
-    if result.is_err() {
-        detach(index);
+    if result.is_err() && !detach(index) {
+        defmt::error!("vmm: partition {=usize}: devices not fully given back after a failed attach", index);
     }
     result
 }
@@ -496,16 +509,31 @@ fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestM
         }
     };
     iommu::assign(domain, dev, Owner::Guest(index as u16)).map_err(|e| DeviceError::Iommu(bdf, e))?;
+    // From here on every failure gives the device back to the IOMMU: the bus does not hold it
+    // yet, so `detach` would not find it.
+    let result = add_function(cell, index, bdf, &f, domain);
+    if result.is_err()
+        && let Err(e) = iommu::unassign(dev)
+    {
+        defmt::error!("vmm: unassigning {} after a failed attach: {}", dev, e);
+    }
+    result
+}
+
+/// The rest of `attach_physical` once the device is in its domain: virtual config, the
+/// hypervisor's BAR windows, the interrupt front ends, the bus entry.
+fn add_function(
+    cell: &IrqMutex<Bus>,
+    index: usize,
+    bdf: Bdf,
+    f: &HostFunction,
+    domain: iommu::Domain,
+) -> Result<(), DeviceError> {
+    let dev = f.addr;
     let cfg = crate::pci::config();
-    let vconfig = match VirtualConfig::new(cfg, &f, DevicePolicy::default()) {
-        Ok(v) => v,
-        Err(_) => {
-            let _ = iommu::unassign(dev);
-            return Err(DeviceError::Config(bdf));
-        }
-    };
+    let vconfig = VirtualConfig::new(cfg, f, DevicePolicy::default()).map_err(|_| DeviceError::Config(bdf))?;
     let mut bars: heapless::Vec<HostBar, 6> = heapless::Vec::new();
-    for b in &f.bars {
+    for b in f.bars.iter() {
         let memory = !matches!(b.kind, BarKind::Io);
         let window = if memory && b.size > 0 {
             Some(MmioWindow::map(b.address, b.size).map_err(|_| DeviceError::BarMap(bdf))?)
@@ -565,22 +593,25 @@ fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestM
 }
 
 /// Takes partition `index`'s devices back (its vCPUs have stopped): every interrupt vector
-/// freed, every device quiesced and unassigned, the IOMMU domains destroyed.
-pub fn detach(index: usize) {
-    let Some(cell) = BUSES.get(index) else { return };
-    let mut drain: Retired = Retired::new();
+/// freed, every device quiesced and unassigned, the IOMMU domains destroyed. Returns false if
+/// a device could not be unassigned or a domain destroyed: the partition's RAM may still be
+/// reachable by DMA and must not be given back.
+#[must_use]
+pub fn detach(index: usize) -> bool {
+    let mut clean = true;
+    let Some(cell) = BUSES.get(index) else { return clean };
+    // Every function's retired vectors, each list at most MAX_RETIRED long.
+    let mut drain: heapless::Vec<(u8, u8, ContextId), { MAX_RETIRED * MAX_FUNCTIONS }> = heapless::Vec::new();
     {
         let mut guard = cell.lock();
-        let Some(bus) = active(&mut guard) else { return };
+        let Some(bus) = active(&mut guard) else { return clean };
         for f in bus.functions.iter_mut() {
             if let Func::Physical(p) = f {
                 if let Some(m) = p.msix.as_mut() {
                     m.set_control(MsixControl { enabled: false, function_masked: true }, &VmmSink::here());
-                    let _ = drain.extend_from_slice(&m.backend().retired);
                 }
                 if let Some(m) = p.msi.as_mut() {
                     m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink::here());
-                    let _ = drain.extend_from_slice(&m.backend().retired);
                 }
                 for c in [p.err.take(), p.req.take()].into_iter().flatten() {
                     POOL.free(c);
@@ -590,12 +621,15 @@ pub fn detach(index: usize) {
                 }
                 if let Err(e) = iommu::unassign(p.host) {
                     defmt::error!("vmm: unassigning {}: {}", p.host, e);
+                    clean = false;
                 }
             }
         }
+        take_retired(bus, &mut drain);
         for d in bus.domains.iter().copied() {
             if let Err(e) = iommu::destroy_domain(d) {
                 defmt::error!("vmm: destroying a domain: {}", e);
+                clean = false;
             }
         }
         // Dropped in place (front ends free whatever is left).
@@ -604,19 +638,41 @@ pub fn detach(index: usize) {
         bus.active = false;
     }
     free_retired(&mut drain);
+    clean
 }
 
-fn free_retired(list: &mut Retired) {
-    for (cpu, vector, ctx) in list.drain(..) {
-        if drain_vectors_of(usize::from(cpu)) {
-            if let Some(t) = HOST_VECTORS.get(usize::from(cpu)) {
-                t.free(vector, ctx);
+/// Frees retired host vectors once their CPU drained: each CPU is asked once. A vector whose
+/// CPU did not answer stays allocated, parked (leaked, logged) — never freed while something
+/// may still be on its way to it.
+fn free_retired<const N: usize>(list: &mut heapless::Vec<(u8, u8, ContextId), N>) {
+    let mut drained = 0u64; // bit per CPU asked and answered
+    let mut failed = 0u64; // bit per CPU asked that did not answer
+    for &(cpu, vector, ctx) in list.iter() {
+        let bit = 1u64 << (cpu % 64);
+        if drained & bit == 0 && failed & bit == 0 {
+            if drain_vectors_of(usize::from(cpu)) {
+                drained |= bit;
+            } else {
+                failed |= bit;
             }
+        }
+        let Some(t) = HOST_VECTORS.get(usize::from(cpu)) else { continue };
+        if drained & bit != 0 {
+            // A reroute's old vector maps its (live) context; a freed route's maps PARKED.
+            let _ = t.free(vector, ctx) || t.free(vector, PARKED);
         } else {
-            defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays mapped", cpu, vector);
+            if ctx != PARKED {
+                let _ = t.replace(vector, ctx, PARKED);
+            }
+            LEAKED_VECTORS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays allocated", cpu, vector);
         }
     }
+    list.clear();
 }
+
+/// Host vectors left allocated because their CPU never answered a drain.
+static LEAKED_VECTORS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 impl Physical {
     fn config_read(&mut self, offset: u16, width: Width) -> u32 {
@@ -947,16 +1003,22 @@ pub fn mmio(index: usize, region: u16, offset: u64, size: u8, write: Option<u64>
     result
 }
 
-fn take_retired(bus: &mut Bus, into: &mut Retired) {
+/// Moves the bus's retired host vectors into `into` (as many as fit; the rest wait in their
+/// backend for the next control operation or teardown).
+fn take_retired<const N: usize>(bus: &mut Bus, into: &mut heapless::Vec<(u8, u8, ContextId), N>) {
+    fn take<const N: usize>(from: &mut Retired, into: &mut heapless::Vec<(u8, u8, ContextId), N>) {
+        while !into.is_full() {
+            let Some(item) = from.pop() else { break };
+            let _ = into.push(item);
+        }
+    }
     for f in bus.functions.iter_mut() {
         if let Func::Physical(p) = f {
             if let Some(m) = p.msix.as_mut() {
-                let _ = into.extend_from_slice(&m.backend().retired);
-                m.backend_mut().retired.clear();
+                take(&mut m.backend_mut().retired, into);
             }
             if let Some(m) = p.msi.as_mut() {
-                let _ = into.extend_from_slice(&m.backend().retired);
-                m.backend_mut().retired.clear();
+                take(&mut m.backend_mut().retired, into);
             }
         }
     }
@@ -1021,6 +1083,16 @@ fn msix_bind<B: Backend>(
         front.write_table(o + 4, 4, address >> 32, &VmmSink::here());
         front.write_table(o + 8, 4, u64::from(data), &VmmSink::here());
         front.write_table(o + 12, 4, 0, &VmmSink::here());
+        // With MSI-X on, a bound entry is live at once: no context or no host vector left
+        // means it could never fire. Undo the binding and say so (ENOSPC).
+        let index = u16::try_from(v).map_err(|_| IrqError::BadRange)?;
+        if front.control().enabled && front.entry_context(index).is_none() {
+            front.write_table(o + 12, 4, 1, &VmmSink::here());
+            front.write_table(o, 4, 0, &VmmSink::here());
+            front.write_table(o + 4, 4, 0, &VmmSink::here());
+            front.write_table(o + 8, 4, 0, &VmmSink::here());
+            return Err(IrqError::NoSpace);
+        }
     } else {
         front.write_table(o, 4, 0, &VmmSink::here());
         front.write_table(o + 4, 4, 0, &VmmSink::here());
