@@ -52,7 +52,7 @@ pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
 }
 
 /// Crates with loom models (tests named `loom_*`, built with `--cfg loom`).
-pub const LOOM_CRATES: &[&str] = &["conduit-vm", "conduit-irq"];
+pub const LOOM_CRATES: &[&str] = &["conduit-vm", "conduit-irq", "conduit-doorbell"];
 
 /// Runs cargo with `args` in `dir` (relative to the root), output shown.
 pub fn cargo_in(dir: &str, args: &[&str]) -> Result<()> {
