@@ -146,7 +146,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
 }
 
 /// Crates with criterion benches.
-const BENCH_CRATES: &[&str] = &["conduit-irq"];
+const BENCH_CRATES: &[&str] = &["conduit-irq", "conduit-doorbell"];
 
 fn bench(args: &[String]) -> Result<ExitCode> {
     let (qemu, host) = match args.first().map(String::as_str) {

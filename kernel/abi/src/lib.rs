@@ -11,7 +11,7 @@
 
 /// ABI version returned by `hypercall::VERSION` (major << 16 | minor). A major change breaks
 /// compatibility; a minor one only adds functions.
-pub const ABI_VERSION: u64 = 1 << 16 | 1;
+pub const ABI_VERSION: u64 = 1 << 16 | 2;
 
 /// Hypercall function numbers (in `RAX`).
 pub mod hypercall {
@@ -43,6 +43,88 @@ pub mod hypercall {
     /// enters the virtual ISR, and the guest's handler must not write EOI for it (one exit
     /// less per interrupt); 0 restores normal EOI. `EINVAL` for vectors below 16. Since 1.1.
     pub const AUTO_EOI: u64 = 9;
+    /// `(device, request_gpa) -> 0`: registers the doorbell described by the
+    /// `doorbell::Request` at `request_gpa` on `device` (its requester ID on the guest's bus),
+    /// VFIO `IOEVENTFD` rules; errors in `docs/hypercalls.md`. Since 1.2.
+    pub const DOORBELL_ADD: u64 = 10;
+    /// `(device, request_gpa) -> 0`: removes the doorbell whose key (`bar`, `offset`,
+    /// `width`, match) equals the request's; `ENODEV` when there is none. Since 1.2.
+    pub const DOORBELL_REMOVE: u64 = 11;
+    /// `(device, request_gpa) -> hits`: how many guest writes the doorbell with the request's
+    /// key has served on the fast path; `ENODEV` when there is none. Since 1.2.
+    pub const DOORBELL_HITS: u64 = 12;
+}
+
+/// The doorbell ABI (VFIO's `VFIO_DEVICE_IOEVENTFD`, as hypercalls). See `docs/hypercalls.md`.
+pub mod doorbell {
+    /// `Request::flags`: only writes of `match_value` ring the doorbell (else any value).
+    pub const MATCH_VALUE: u32 = 1 << 0;
+    /// `Request::flags`: the action writes to the device (`write_*` fields).
+    pub const WRITE: u32 = 1 << 1;
+    /// `Request::flags`: the device write carries the value the guest wrote (else
+    /// `write_value`).
+    pub const WRITE_FORWARD: u32 = 1 << 2;
+    /// `Request::flags`: the action raises guest vector `event_vector` on vCPU `event_vcpu`
+    /// (an emulated interrupt through a software context).
+    pub const EVENT: u32 = 1 << 3;
+    /// Every defined flag.
+    pub const FLAGS: u32 = MATCH_VALUE | WRITE | WRITE_FORWARD | EVENT;
+
+    /// One doorbell, in guest memory (48 bytes, little-endian).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Request {
+        /// `MATCH_VALUE` | `WRITE` | `WRITE_FORWARD` | `EVENT`.
+        pub flags: u32,
+        /// BAR of the doorbell register (0–5; config space is not a BAR).
+        pub bar: u8,
+        /// Bytes the guest writes: 1, 2, 4 or 8.
+        pub width: u8,
+        /// BAR of the register the action writes.
+        pub write_bar: u8,
+        /// Bytes of that write: 1, 2, 4 or 8.
+        pub write_width: u8,
+        /// Offset of the doorbell in its BAR (a multiple of `width`).
+        pub offset: u64,
+        /// The value that rings it (with `MATCH_VALUE`).
+        pub match_value: u64,
+        /// Offset of the written register in `write_bar`.
+        pub write_offset: u64,
+        /// The value written (unless `WRITE_FORWARD`).
+        pub write_value: u64,
+        /// vCPU of the event (with `EVENT`).
+        pub event_vcpu: u32,
+        /// Guest vector of the event (16–255).
+        pub event_vector: u32,
+    }
+
+    impl Request {
+        /// A doorbell of `width` bytes at `offset` in BAR `bar` that rings on any value and
+        /// forwards the value written to its own register (what a partition description's
+        /// `doorbell=` registers).
+        pub const fn forwarding(bar: u8, offset: u64, width: u8) -> Self {
+            Self {
+                flags: WRITE | WRITE_FORWARD,
+                bar,
+                width,
+                write_bar: bar,
+                write_width: width,
+                offset,
+                match_value: 0,
+                write_offset: offset,
+                write_value: 0,
+                event_vcpu: 0,
+                event_vector: 0,
+            }
+        }
+    }
+
+    const _: () = assert!(core::mem::size_of::<Request>() == 48);
+    const _: () = assert!(core::mem::offset_of!(Request, offset) == 8);
+    const _: () = assert!(core::mem::offset_of!(Request, event_vcpu) == 40);
+
+    /// Doorbells one device takes unless the partition says otherwise (`doorbell_limit=`).
+    pub const DEFAULT_DEVICE_LIMIT: u32 = 1000;
 }
 
 /// The interrupt-control ABI (VFIO's `VFIO_DEVICE_GET_IRQ_INFO` / `SET_IRQS`, as hypercalls).

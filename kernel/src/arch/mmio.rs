@@ -3,8 +3,10 @@
 //! device BARs in scenarios).
 
 use conduit_mem::{PAGE_SIZE, PhysRange};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
-/// A mapped register window.
+/// A mapped register window. The mapping `map` makes is permanent (the kernel never unmaps
+/// MMIO), which [`WindowCell`] relies on.
 #[derive(Clone, Copy, Debug)]
 pub struct MmioWindow {
     base: u64,
@@ -141,5 +143,53 @@ impl MmioWindow {
                 _ => core::ptr::write_volatile(at as *mut u64, value),
             }
         }
+    }
+}
+
+/// A window published to lock-free readers on other CPUs (the doorbell fast path): a sequence
+/// lock over the window's two words. Only windows made by [`MmioWindow::map`] are ever stored,
+/// and those mappings are permanent, so whatever `get` returns is a mapped window. Writers are
+/// serialized by the caller.
+#[derive(Debug)]
+pub struct WindowCell {
+    seq: AtomicU64,
+    base: AtomicU64,
+    len: AtomicU64,
+}
+
+impl WindowCell {
+    /// An empty cell.
+    pub const fn new() -> Self {
+        Self { seq: AtomicU64::new(0), base: AtomicU64::new(0), len: AtomicU64::new(0) }
+    }
+
+    /// Publishes `w` (or empties the cell).
+    pub fn set(&self, w: Option<MmioWindow>) {
+        let (base, len) = w.map_or((0, 0), |w| (w.base, w.len));
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.base.store(base, Ordering::Relaxed);
+        self.len.store(len, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    /// The window, if one is published; `None` also when a writer kept it changing for a few
+    /// tries (the caller then takes its slow path). Never waits.
+    #[inline]
+    pub fn get(&self) -> Option<MmioWindow> {
+        for _ in 0..4 {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 != 0 {
+                continue;
+            }
+            let base = self.base.load(Ordering::Relaxed);
+            let len = self.len.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return (len != 0).then_some(MmioWindow { base, len });
+            }
+        }
+        None
     }
 }

@@ -72,6 +72,7 @@ fn run_set(specs: &[conduit_vm::partition::Spec]) -> Result<heapless::Vec<(usize
     let vectors: usize = vmm::irq::HOST_VECTORS.iter().map(|t| t.in_use()).sum();
     let contexts = vmm::irq::POOL.in_use();
     println!("irq: after teardown {} host vectors and {} contexts in use", vectors, contexts);
+    println!("doorbells: {} guest writes served on the fast path so far", vmm::doorbells::served());
     let faults = crate::iommu::with_fault_log(|l| l.total) - faults_before;
     println!("iommu: {} DMA or interrupt-remapping faults during the run", faults);
     defmt::info!("vmm: torn down; free frames {=u64} before, {=u64} after", free_before, free_after);
@@ -81,6 +82,20 @@ fn run_set(specs: &[conduit_vm::partition::Spec]) -> Result<heapless::Vec<(usize
 }
 
 fn chosen(p: &Platform) -> Result<heapless::Vec<conduit_vm::partition::Spec, { partitions::MAX }>, &'static str> {
+    // `conduit.doorbell_limit=N`: doorbells one device takes (default 1000).
+    let limit = p.record.cmdline.as_str().split_whitespace().find_map(|w| w.strip_prefix("conduit.doorbell_limit="));
+    if let Some(text) = limit {
+        match text.parse::<u32>() {
+            Ok(n) if n > 0 => {
+                vmm::doorbells::TABLE.set_device_limit(n);
+                println!("partitions: doorbells per device limited to {}", n);
+            }
+            _ => {
+                println!("partitions: rejected: conduit.doorbell_limit={}: not a count above 0", text);
+                return Err("the doorbell limit was rejected");
+            }
+        }
+    }
     let specs = partitions::select(p.record.cmdline.as_str()).and_then(|s| partitions::validate(&s, p).map(|_| s));
     match specs {
         Ok(s) => {

@@ -104,8 +104,6 @@ pub enum BuildError {
     NoPartition(usize),
     /// A device could not be given to the partition.
     Device(super::devices::DeviceError),
-    /// Doorbells are not built yet (issue [doorbell]).
-    DoorbellsNotSupported,
     /// A vCPU could not be handed to its CPU.
     Launch(u8),
     /// Teardown while a vCPU still runs.
@@ -299,9 +297,6 @@ fn free_ram(memory: &GuestMemory) {
 
 /// Builds partition `spec` from `bundle` (not started). Returns its index.
 pub fn create(spec: &Spec, bundle: &Bundle<'_>) -> Result<usize, BuildError> {
-    if !spec.doorbells.is_empty() {
-        return Err(BuildError::DoorbellsNotSupported);
-    }
     for &cpu in &spec.cpus {
         if svm::host_vmcb(usize::from(cpu)).is_none() {
             let why = svm::probe().err().unwrap_or(SvmError::BadCpu(usize::from(cpu)));

@@ -11,12 +11,12 @@
 //! interrupts never come here: they go host vector → context → vCPU (`vmm::irq`), lock-free.
 
 use super::irq::{HOST_VECTORS, MAX_CONTEXTS, POOL, VmmSink, drain_vectors_of};
-use super::{MAX_PARTITIONS, build};
+use super::{MAX_PARTITIONS, build, doorbells};
 use crate::arch::mmio::MmioWindow;
 use crate::arch::percpu;
 use crate::iommu::{self, AssignError, Domain, Owner};
 use crate::sync::IrqMutex;
-use conduit_abi::{error, irq as abi_irq, layout, vdev as abi_vdev};
+use conduit_abi::{doorbell as abi_doorbell, error, irq as abi_irq, layout, vdev as abi_vdev};
 use conduit_iommu::{DmaAccess, InterruptHandle, InterruptTarget};
 use conduit_irq::api::{self, EventBinding, IrqControl, IrqError, IrqIndex, IrqInfo};
 use conduit_irq::frontend::{Backend, MsiControl, MsiFrontEnd, MsixControl, MsixFrontEnd, Software, VcpuSlots};
@@ -41,7 +41,11 @@ pub const REGION_WINDOW: u16 = 1;
 /// MSI-X entries a front end keeps (a device's table beyond this is not used; counted).
 const TABLE_ENTRIES: usize = 128;
 /// Functions on one guest bus.
-const MAX_FUNCTIONS: usize = MAX_DEVICES + MAX_VDEVS;
+pub const MAX_FUNCTIONS: usize = MAX_DEVICES + MAX_VDEVS;
+/// Distinct pages of one function that trap because doorbells sit on them.
+const MAX_DOORBELL_PAGES: usize = 32;
+/// Distinct guest vectors a partition's doorbell events target.
+const MAX_DOORBELL_EVENTS: usize = 32;
 /// Host vectors waiting for their old CPU to drain (after a retarget or a free): room for every
 /// entry of a table plus the MSI vector and some slack, so one control operation never has to
 /// drop one; a retarget that would overflow it is refused instead (`RouteError::Busy`).
@@ -66,6 +70,8 @@ pub enum DeviceError {
     BarMap(Bdf),
     /// More functions than a guest bus holds.
     TooMany,
+    /// Doorbell `.0` of the description was refused with error code `.1`.
+    Doorbell(usize, i64),
 }
 
 /// A host vector and interrupt-remapping entry behind one live vector.
@@ -338,11 +344,23 @@ struct Physical {
     msix_cap: Option<MsixCap>,
     msix: Option<Msix<PhysicalMsix>>,
     msi: Option<Msi<PhysicalMsi>>,
-    mappings: heapless::Vec<Mapping, 16>,
+    mappings: heapless::Vec<Mapping, { 16 + 2 * MAX_DOORBELL_PAGES }>,
     decoding: bool,
     /// Software-signalled ERR and REQ indices: their context, once bound.
     err: Option<ContextId>,
     req: Option<ContextId>,
+    /// Its index on the bus (device number - 1): its doorbell device id and directory slot.
+    slot: usize,
+    /// Pages that trap because doorbells sit on them.
+    doorbell_pages: heapless::Vec<DoorbellPage, MAX_DOORBELL_PAGES>,
+}
+
+/// A page of a BAR holding doorbells (trapped, so their writes reach the fast path).
+#[derive(Clone, Copy, Debug)]
+struct DoorbellPage {
+    bar: u8,
+    start: u64,
+    doorbells: u32,
 }
 
 /// The emulated `notify` function.
@@ -372,6 +390,9 @@ pub struct Bus {
     domains: heapless::Vec<Domain, 4>,
     /// Guest accesses nothing answered (configuration of empty slots excluded).
     unclaimed: u64,
+    /// Software contexts doorbell events raise, one per (vCPU, vector); freed at teardown
+    /// only, so a fast path holding an id never signals a reused context.
+    events: heapless::Vec<(Target, ContextId), MAX_DOORBELL_EVENTS>,
 }
 
 impl Bus {
@@ -384,6 +405,7 @@ impl Bus {
             functions: heapless::Vec::new(),
             domains: heapless::Vec::new(),
             unclaimed: 0,
+            events: heapless::Vec::new(),
         }
     }
 }
@@ -450,6 +472,7 @@ pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, D
         bus.slots = vcpu_slots(spec);
         bus.mech1 = Mechanism1::new();
         bus.unclaimed = 0;
+        bus.events.clear();
         bus.active = true;
     }
     let result = (|| {
@@ -469,6 +492,22 @@ pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, D
                         }))
                         .map_err(|_| DeviceError::TooMany)?;
                 }
+            }
+        }
+        // The description's doorbells: each forwards the value written to its own register.
+        for (i, d) in spec.doorbells.iter().enumerate() {
+            let position =
+                spec.devices.iter().position(|&b| b == d.device).ok_or(DeviceError::Doorbell(i, error::ENODEV))?;
+            let mut request = abi_doorbell::Request::forwarding(d.bar, d.offset, d.width);
+            if let Some(v) = d.matches {
+                request.flags |= abi_doorbell::MATCH_VALUE;
+                request.match_value = v;
+            }
+            let mut guard = cell.lock();
+            let bus = active(&mut guard).ok_or(DeviceError::TooMany)?;
+            let code = bus.doorbell_add(position, &request);
+            if code != 0 {
+                return Err(DeviceError::Doorbell(i, code));
             }
         }
         Ok(true)
@@ -550,6 +589,7 @@ fn add_function(
     let mut guard = cell.lock();
     let bus = active(&mut guard).ok_or(DeviceError::TooMany)?;
     let slots = bus.slots;
+    let slot = bus.functions.len();
     let msix = f.msix.map(|x| {
         let entries = x.table_size.min(TABLE_ENTRIES as u16);
         let backend = PhysicalMsix {
@@ -588,6 +628,8 @@ fn add_function(
             decoding: false,
             err: None,
             req: None,
+            slot,
+            doorbell_pages: heapless::Vec::new(),
         }))
         .map_err(|_| DeviceError::TooMany)
 }
@@ -616,6 +658,11 @@ pub fn detach(index: usize) -> bool {
                 for c in [p.err.take(), p.req.take()].into_iter().flatten() {
                     POOL.free(c);
                 }
+                // Every vCPU has stopped: no fast path is looking at these any more.
+                if let Some(device) = doorbells::device_id(index, p.slot) {
+                    doorbells::TABLE.remove_device(device);
+                }
+                doorbells::clear(index, p.slot);
                 if let Some(f) = host_function(p.bdf) {
                     quiesce(p.host, &f);
                 }
@@ -625,6 +672,11 @@ pub fn detach(index: usize) -> bool {
                 }
             }
         }
+        for (_, c) in bus.events.iter() {
+            POOL.free(*c);
+        }
+        doorbells::reset(index);
+        bus.events.clear();
         take_retired(bus, &mut drain);
         for d in bus.domains.iter().copied() {
             if let Err(e) = iommu::destroy_domain(d) {
@@ -694,25 +746,39 @@ impl Physical {
         v
     }
 
-    /// The byte ranges of BAR `index` that must trap (MSI-X table and PBA, page-rounded).
-    fn trapped_pages(&self, index: u8) -> [Option<(u64, u64)>; 2] {
-        let Some(x) = self.msix_cap else { return [None, None] };
-        let table_len = u64::from(x.table_size) * 16;
-        let pba_len = u64::from(x.table_size).div_ceil(64) * 8;
-        let page = |off: u32, len: u64| {
-            let start = u64::from(off) & !(PAGE_SIZE - 1);
-            (start, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
-        };
-        [
-            (x.table_bir == index).then(|| page(x.table_offset, table_len)),
-            (x.pba_bir == index).then(|| page(x.pba_offset, pba_len)),
-        ]
+    /// The byte ranges of BAR `index` that must trap: MSI-X table and PBA (page-rounded) and
+    /// the pages holding doorbells.
+    fn trapped_pages(&self, index: u8) -> heapless::Vec<(u64, u64), { 2 + MAX_DOORBELL_PAGES }> {
+        let mut v = heapless::Vec::new();
+        if let Some(x) = self.msix_cap {
+            let table_len = u64::from(x.table_size) * 16;
+            let pba_len = u64::from(x.table_size).div_ceil(64) * 8;
+            let page = |off: u32, len: u64| {
+                let start = u64::from(off) & !(PAGE_SIZE - 1);
+                (start, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
+            };
+            if x.table_bir == index {
+                let _ = v.push(page(x.table_offset, table_len));
+            }
+            if x.pba_bir == index {
+                let _ = v.push(page(x.pba_offset, pba_len));
+            }
+        }
+        for d in self.doorbell_pages.iter().filter(|d| d.bar == index) {
+            let _ = v.push((d.start, d.start + PAGE_SIZE));
+        }
+        v
     }
 
     /// Maps every placed memory BAR into the guest: page by page, skipping trapped pages;
     /// BARs smaller than a page are never mapped (another device's registers could share the
     /// page) — their accesses trap and are forwarded.
     fn map_bars(&mut self, partition: usize) {
+        // The doorbell fast path finds the BARs through the directory, mapped or not.
+        doorbells::clear(partition, self.slot);
+        for (gpa, b) in self.placed() {
+            doorbells::publish(partition, self.slot, b.index, Some((gpa, b.size)), b.window);
+        }
         for (gpa, b) in self.placed() {
             if b.size < PAGE_SIZE {
                 continue;
@@ -720,13 +786,13 @@ impl Physical {
             let trapped = self.trapped_pages(b.index);
             let mut off = 0;
             while off < b.size {
-                let is_trapped = trapped.iter().flatten().any(|&(s, e)| off >= s && off < e);
+                let is_trapped = trapped.iter().any(|&(s, e)| off >= s && off < e);
                 if is_trapped {
                     off += PAGE_SIZE;
                     continue;
                 }
                 let mut end = off + PAGE_SIZE;
-                while end < b.size && !trapped.iter().flatten().any(|&(s, e)| end >= s && end < e) {
+                while end < b.size && !trapped.iter().any(|&(s, e)| end >= s && end < e) {
                     end += PAGE_SIZE;
                 }
                 match build::map_device(partition, gpa + off, b.base + off, end - off) {
@@ -741,6 +807,7 @@ impl Physical {
     }
 
     fn unmap_bars(&mut self, partition: usize) {
+        doorbells::clear(partition, self.slot);
         for m in self.mappings.iter() {
             if let Err(e) = build::unmap_device(partition, m.gpa, m.len) {
                 defmt::error!("vmm: unmapping {=u64:#x}: {}", m.gpa, e);
@@ -824,7 +891,7 @@ impl Physical {
         self.placed().into_iter().find(|(g, b)| gpa >= *g && gpa - g < b.size).map(|(g, b)| (b, gpa - g))
     }
 
-    fn mmio(&mut self, bar: HostBar, off: u64, size: u8, write: Option<u64>) -> Option<u64> {
+    fn mmio(&mut self, partition: usize, bar: HostBar, off: u64, size: u8, write: Option<u64>) -> Option<u64> {
         if let (Some(x), Some(front)) = (self.msix_cap, self.msix.as_mut()) {
             let table = u64::from(x.table_offset)..u64::from(x.table_offset) + u64::from(x.table_size) * 16;
             let pba = u64::from(x.pba_offset)..u64::from(x.pba_offset) + u64::from(x.table_size).div_ceil(64) * 8;
@@ -849,8 +916,18 @@ impl Physical {
                 };
             }
         }
-        // Other registers on a trapped page (or a sub-page BAR): forwarded to the device.
+        // Other registers on a trapped page (or a sub-page BAR): forwarded to the device —
+        // unless a doorbell the fast path missed (its BAR being remapped just then) is there.
         let w = bar.window?;
+        if let (Some(v), Some(width), Some(device)) =
+            (write, conduit_doorbell::Width::from_bytes(size), doorbells::device_id(partition, self.slot))
+            && let Some(hit) = doorbells::TABLE.lookup(device, bar.index, off, width, v)
+        {
+            let bars = &self.bars;
+            if doorbells::ring(&hit, v, |b| bars.iter().find(|h| h.index == b).and_then(|h| h.window)) {
+                return Some(0);
+            }
+        }
         match write {
             Some(v) => {
                 w.write(off, size, v);
@@ -952,7 +1029,7 @@ impl Bus {
             match f {
                 Func::Physical(p) => {
                     if let Some((bar, off)) = p.bar_at(gpa) {
-                        return p.mmio(bar, off, size, write);
+                        return p.mmio(self.partition, bar, off, size, write);
                     }
                 }
                 Func::Notify(n) => {
@@ -1428,5 +1505,241 @@ pub fn report(index: usize) {
                 }
             }
         }
+    }
+}
+
+/// A `doorbell::Request` from its 48 guest bytes (little-endian).
+pub fn parse_doorbell_request(raw: &[u8; 48]) -> abi_doorbell::Request {
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&raw[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u32_at = |o: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&raw[o..o + 4]);
+        u32::from_le_bytes(b)
+    };
+    abi_doorbell::Request {
+        flags: u32_at(0),
+        bar: raw[4],
+        width: raw[5],
+        write_bar: raw[6],
+        write_width: raw[7],
+        offset: u64_at(8),
+        match_value: u64_at(16),
+        write_offset: u64_at(24),
+        write_value: u64_at(32),
+        event_vcpu: u32_at(40),
+        event_vector: u32_at(44),
+    }
+}
+
+/// What a doorbell request names before any device is looked at; `EINVAL` for what no device
+/// could accept (unknown flags, widths, a forward without a write).
+fn doorbell_key(r: &abi_doorbell::Request) -> Result<(conduit_doorbell::Width, conduit_doorbell::Match), i64> {
+    if r.flags & !abi_doorbell::FLAGS != 0 {
+        return Err(error::EINVAL);
+    }
+    let width = conduit_doorbell::Width::from_bytes(r.width).ok_or(error::EINVAL)?;
+    let matches = if r.flags & abi_doorbell::MATCH_VALUE != 0 {
+        conduit_doorbell::Match::Value(r.match_value)
+    } else {
+        conduit_doorbell::Match::Any
+    };
+    Ok((width, matches))
+}
+
+impl Physical {
+    /// What the doorbell rules need to know of this function.
+    fn doorbell_view(&self) -> conduit_doorbell::DeviceView {
+        let mut view = conduit_doorbell::DeviceView::default();
+        for b in &self.bars {
+            if let Some(slot) = view.bars.get_mut(usize::from(b.index))
+                && b.size > 0
+            {
+                *slot = Some(conduit_doorbell::Bar { len: b.size, memory: b.memory });
+            }
+        }
+        view.msix = self.msix_cap.map(|x| conduit_doorbell::MsixLayout {
+            table: conduit_doorbell::Region {
+                bar: x.table_bir,
+                offset: u64::from(x.table_offset),
+                len: u64::from(x.table_size) * 16,
+            },
+            pba: conduit_doorbell::Region {
+                bar: x.pba_bir,
+                offset: u64::from(x.pba_offset),
+                len: u64::from(x.table_size).div_ceil(64) * 8,
+            },
+        });
+        view
+    }
+
+    /// One more (`add`) or one fewer doorbell on the page of BAR `bar` holding `offset`; the
+    /// BAR mappings are redone when a page starts or stops trapping. False when a new page
+    /// does not fit.
+    fn doorbell_page(&mut self, partition: usize, bar: u8, offset: u64, add: bool) -> bool {
+        let start = offset & !(PAGE_SIZE - 1);
+        let at = self.doorbell_pages.iter().position(|d| d.bar == bar && d.start == start);
+        let changed = match (at, add) {
+            (Some(i), true) => {
+                if let Some(d) = self.doorbell_pages.get_mut(i) {
+                    d.doorbells += 1;
+                }
+                false
+            }
+            (None, true) => {
+                if self.doorbell_pages.push(DoorbellPage { bar, start, doorbells: 1 }).is_err() {
+                    return false;
+                }
+                true
+            }
+            (Some(i), false) => {
+                let last = self.doorbell_pages.get_mut(i).is_some_and(|d| {
+                    d.doorbells = d.doorbells.saturating_sub(1);
+                    d.doorbells == 0
+                });
+                if last {
+                    self.doorbell_pages.swap_remove(i);
+                }
+                last
+            }
+            (None, false) => false,
+        };
+        if changed && self.decoding {
+            self.unmap_bars(partition);
+            self.map_bars(partition);
+        }
+        true
+    }
+}
+
+impl Bus {
+    /// The software context that raises guest `vector` on vCPU `vcpu`: shared by every
+    /// doorbell event with that target, allocated on first use.
+    fn doorbell_event(&mut self, vcpu: u32, vector: u32) -> Result<ContextId, i64> {
+        let vector = u8::try_from(vector).ok().filter(|&v| v >= 16).ok_or(error::EINVAL)?;
+        let slot =
+            usize::try_from(vcpu).ok().and_then(|i| self.slots.get(i).copied().flatten()).ok_or(error::EINVAL)?;
+        let target = Target { slot, vector };
+        if let Some(&(_, c)) = self.events.iter().find(|(t, _)| *t == target) {
+            return Ok(c);
+        }
+        if self.events.is_full() {
+            return Err(error::ENOSPC);
+        }
+        let c = POOL.alloc().ok_or(error::ENOSPC)?;
+        let Some(ctx) = POOL.get(c) else {
+            POOL.free(c);
+            return Err(error::ENOSPC);
+        };
+        ctx.enable(target, MaskState::Unmasked);
+        let _ = self.events.push((target, c));
+        Ok(c)
+    }
+
+    /// Registers `request` on the function at bus index `index` (0-based).
+    fn doorbell_add(&mut self, index: usize, request: &abi_doorbell::Request) -> i64 {
+        let partition = self.partition;
+        let (width, matches) = match doorbell_key(request) {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        let write = if request.flags & abi_doorbell::WRITE != 0 {
+            let Some(w) = conduit_doorbell::Width::from_bytes(request.write_width) else { return error::EINVAL };
+            let value = if request.flags & abi_doorbell::WRITE_FORWARD != 0 {
+                conduit_doorbell::WriteValue::Forward
+            } else {
+                conduit_doorbell::WriteValue::Fixed(request.write_value)
+            };
+            Some(conduit_doorbell::DeviceWrite {
+                bar: request.write_bar,
+                offset: request.write_offset,
+                width: w,
+                value,
+            })
+        } else if request.flags & abi_doorbell::WRITE_FORWARD != 0 {
+            return error::EINVAL;
+        } else {
+            None
+        };
+        let event = if request.flags & abi_doorbell::EVENT != 0 {
+            match self.doorbell_event(request.event_vcpu, request.event_vector) {
+                Ok(c) => Some(u32::from(c.0)),
+                Err(e) => return e,
+            }
+        } else {
+            None
+        };
+        let Some(Func::Physical(p)) = self.functions.get_mut(index) else { return error::EINVAL };
+        let Some(device) = doorbells::device_id(partition, p.slot) else { return error::ENODEV };
+        let doorbell = conduit_doorbell::Doorbell {
+            device,
+            bar: request.bar,
+            offset: request.offset,
+            width,
+            matches,
+            action: conduit_doorbell::Action { write, event },
+        };
+        if let Err(e) = doorbells::TABLE.add(&doorbell, &p.doorbell_view()) {
+            return e.code();
+        }
+        if !p.doorbell_page(partition, request.bar, request.offset, true) {
+            let _ = doorbells::TABLE.remove(device, request.bar, request.offset, width, matches);
+            return error::ENOSPC;
+        }
+        0
+    }
+
+    /// Removes the doorbell with `request`'s key, or reads its hits (`DOORBELL_HITS`).
+    fn doorbell_key_call(&mut self, index: usize, request: &abi_doorbell::Request, remove: bool) -> i64 {
+        let partition = self.partition;
+        let (width, matches) = match doorbell_key(request) {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        let Some(Func::Physical(p)) = self.functions.get_mut(index) else { return error::ENODEV };
+        let Some(device) = doorbells::device_id(partition, p.slot) else { return error::ENODEV };
+        if remove {
+            match doorbells::TABLE.remove(device, request.bar, request.offset, width, matches) {
+                Ok(()) => {
+                    p.doorbell_page(partition, request.bar, request.offset, false);
+                    0
+                }
+                Err(e) => e.code(),
+            }
+        } else {
+            match doorbells::TABLE
+                .find(device, request.bar, request.offset, width, matches)
+                .and_then(|id| doorbells::TABLE.hits(id))
+            {
+                Some(h) => i64::try_from(h).unwrap_or(i64::MAX),
+                None => error::ENODEV,
+            }
+        }
+    }
+}
+
+/// `DOORBELL_ADD` / `DOORBELL_REMOVE` / `DOORBELL_HITS` of partition `partition` on the
+/// function with requester ID `rid`.
+pub fn doorbell_call(partition: usize, function: u64, rid: u64, request: &abi_doorbell::Request) -> i64 {
+    let Ok(rid) = u16::try_from(rid) else { return error::ENODEV };
+    let (bus_nr, device, func) = ((rid >> 8) as u8, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8);
+    let Some(cell) = BUSES.get(partition) else { return error::ENODEV };
+    let mut guard = cell.lock();
+    let Some(bus) = active(&mut guard) else { return error::ENODEV };
+    if bus_nr != 0 || func != 0 || device == 0 || usize::from(device) > bus.functions.len() {
+        return error::ENODEV;
+    }
+    let index = usize::from(device) - 1;
+    if !matches!(bus.functions.get(index), Some(Func::Physical(_))) {
+        // Emulated functions take no doorbells (their registers are the hypervisor's already).
+        return error::EINVAL;
+    }
+    match function {
+        conduit_abi::hypercall::DOORBELL_ADD => bus.doorbell_add(index, request),
+        conduit_abi::hypercall::DOORBELL_REMOVE => bus.doorbell_key_call(index, request, true),
+        _ => bus.doorbell_key_call(index, request, false),
     }
 }

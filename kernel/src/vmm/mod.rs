@@ -11,6 +11,7 @@
 
 mod build;
 mod devices;
+pub mod doorbells;
 pub mod irq;
 mod run;
 
@@ -199,6 +200,9 @@ pub use build::{bundle, create, host_address, partition_info, start, teardown};
 /// Sets up what every partition shares (the I/O and MSR permission maps), at bring-up. The
 /// guest-device host vectors have their own IDT entry (`arch::idt`), always installed.
 pub fn init() -> Result<(), BuildError> {
+    // A seed guests cannot know, so they cannot aim doorbell hash collisions at one probe
+    // window (the TSC at boot: not secret against a determined observer, but not a constant).
+    let _ = doorbells::TABLE.set_hash_seed(crate::time::rdtsc().rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15);
     build::permission_maps().map(|_| ())
 }
 pub use run::run_here;

@@ -33,6 +33,12 @@ pub enum WalkError {
 pub trait GuestRead {
     /// Fills `buf` from guest-physical `gpa`; false when any byte is outside guest RAM.
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> bool;
+    /// The little-endian u64 at 8-aligned guest-physical `gpa` (a page-table entry); `None`
+    /// outside guest RAM. Environments with a faster single-word read override it.
+    fn read_u64(&mut self, gpa: u64) -> Option<u64> {
+        let mut raw = [0u8; 8];
+        self.read(gpa, &mut raw).then(|| u64::from_le_bytes(raw))
+    }
 }
 
 /// Translates `gva` with the paging state in `save`.
@@ -49,11 +55,9 @@ pub fn translate(save: &SaveArea, gva: u64, mem: &mut impl GuestRead) -> Result<
         let shift = 12 + 9 * (level - 1);
         let index = (gva >> shift) & 0x1ff;
         let at = table + index * 8;
-        let mut raw = [0u8; 8];
-        if !mem.read(at, &mut raw) {
+        let Some(entry) = mem.read_u64(at) else {
             return Err(WalkError::TableOutsideMemory(at));
-        }
-        let entry = u64::from_le_bytes(raw);
+        };
         if entry & PRESENT == 0 {
             return Err(WalkError::NotPresent(gva));
         }

@@ -1,7 +1,8 @@
 //! Hypercalls (`VMMCALL`): `RAX` = function, arguments in `RDI`, `RSI`, `RDX`, `R10`, `R8`,
 //! `R9`, result in `RAX`; every other register is preserved by the hypervisor. Typed wrappers
-//! for every function of ABI 1.1, including the interrupt-control calls (`IRQ_INFO`,
-//! `SET_IRQS`, `IRQ_STATS`), which name a device by its requester ID on the guest's PCI bus
+//! for every function of ABI 1.2, including the interrupt-control calls (`IRQ_INFO`,
+//! `SET_IRQS`, `IRQ_STATS`) and the doorbell calls (`DOORBELL_ADD`, `DOORBELL_REMOVE`,
+//! `DOORBELL_HITS`), which name a device by its requester ID on the guest's PCI bus
 //! (`crate::pci::Bdf::rid`).
 
 use core::arch::asm;
@@ -180,6 +181,32 @@ pub fn irq_stats(device: u16, index: u64, vector: u64) -> Result<IrqStats, i64> 
     //    `out`, which is `stats`, exclusively borrowed here; it writes nothing else.
     let r = unsafe { call6(nr::IRQ_STATS, [u64::from(device), index, vector, out, 0, 0]) };
     if r < 0 { Err(r) } else { Ok(stats) }
+}
+
+/// `DOORBELL_ADD`: registers `request` on `device` (requester ID), or the negative error code.
+pub fn doorbell_add(device: u16, request: &conduit_abi::doorbell::Request) -> Result<(), i64> {
+    let r = doorbell_call(nr::DOORBELL_ADD, device, request);
+    if r < 0 { Err(r) } else { Ok(()) }
+}
+
+/// `DOORBELL_REMOVE`: removes the doorbell with `request`'s key from `device`.
+pub fn doorbell_remove(device: u16, request: &conduit_abi::doorbell::Request) -> Result<(), i64> {
+    let r = doorbell_call(nr::DOORBELL_REMOVE, device, request);
+    if r < 0 { Err(r) } else { Ok(()) }
+}
+
+/// `DOORBELL_HITS`: writes the doorbell with `request`'s key served on the fast path.
+pub fn doorbell_hits(device: u16, request: &conduit_abi::doorbell::Request) -> Result<u64, i64> {
+    let r = doorbell_call(nr::DOORBELL_HITS, device, request);
+    if r < 0 { Err(r) } else { Ok(r as u64) }
+}
+
+fn doorbell_call(function: u64, device: u16, request: &conduit_abi::doorbell::Request) -> i64 {
+    let gpa = request as *const conduit_abi::doorbell::Request as u64;
+    // SAFETY:
+    // 1. The doorbell calls only read guest memory: the 48-byte request, borrowed for the call
+    //    (identity-mapped, so its address is its guest-physical address).
+    unsafe { call6(function, [u64::from(device), gpa, 0, 0, 0, 0]) }
 }
 
 /// The name of a Conduit error code (`conduit_abi::error`), for messages.

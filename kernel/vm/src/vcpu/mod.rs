@@ -149,6 +149,12 @@ impl Registers for GuestRegs<'_> {
 pub trait Env {
     /// Fills `buf` from guest-physical `gpa`; false when any byte is outside guest RAM.
     fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> bool;
+    /// The little-endian u64 at 8-aligned guest-physical `gpa`; `None` outside guest RAM (or
+    /// misaligned). The page walk of every MMIO exit reads its entries through this.
+    fn read_guest_u64(&mut self, gpa: u64) -> Option<u64> {
+        let mut raw = [0u8; 8];
+        (gpa.is_multiple_of(8) && self.read_guest(gpa, &mut raw)).then(|| u64::from_le_bytes(raw))
+    }
     /// The TSC now.
     fn tsc(&self) -> u64;
     /// Microseconds since the hypervisor booted.
@@ -168,6 +174,13 @@ pub trait Env {
     }
     /// Writes `size` bytes at `offset` of device region `id`; false if nothing took it.
     fn mmio_write(&mut self, id: u16, offset: u64, size: u8, value: u64) -> bool {
+        let _ = (id, offset, size, value);
+        false
+    }
+    /// The doorbell fast path: a `size`-byte guest write of `value` at `offset` of device region
+    /// `id`, offered before the generic path; true when a registered doorbell took it (the
+    /// write is then complete). Lock-free and allocation-free in the kernel.
+    fn doorbell(&mut self, id: u16, offset: u64, size: u8, value: u64) -> bool {
         let _ = (id, offset, size, value);
         false
     }
@@ -194,6 +207,9 @@ struct Mem<'a, E: Env>(&'a mut E);
 impl<E: Env> GuestRead for Mem<'_, E> {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
         self.0.read_guest(gpa, buf)
+    }
+    fn read_u64(&mut self, gpa: u64) -> Option<u64> {
+        self.0.read_guest_u64(gpa)
     }
 }
 
@@ -363,6 +379,8 @@ pub struct Stats {
     pub hypercalls: u64,
     /// Emulated MMIO accesses (local APIC and device regions).
     pub mmio: u64,
+    /// Of those, guest writes a registered doorbell took on the fast path.
+    pub doorbells: u64,
     /// HLT.
     pub hlt: u64,
     /// Interrupt-window exits.
@@ -405,6 +423,26 @@ pub struct Vcpu {
     /// Emulated regions (the local APIC, and device regions registered for this vCPU).
     pub regions: Regions,
     console: heapless::Vec<u8, CONSOLE_LINE>,
+    /// The last MMIO instruction emulated (see `cached_instruction`).
+    mmio_cache: Option<CachedInstruction>,
+}
+
+/// An emulated MMIO instruction kept for the next exit at the same place: drivers ring
+/// doorbells and poll registers from the same few instructions, so the page walk and the
+/// decode are done once. Reused only when CR3 and RIP are the same and the instruction's bytes
+/// at the remembered guest-physical address are still the same bytes (re-read each time). A
+/// guest that remaps its code page under the same CR3 without changing the bytes there gets
+/// the instruction it had (the same outcome as a stale TLB entry on hardware); guest memory is
+/// only read, within the guest's RAM.
+#[derive(Clone, Copy, Debug)]
+struct CachedInstruction {
+    cr3: u64,
+    rip: u64,
+    /// The 8-aligned guest-physical words covering the instruction: the first one's address,
+    /// and for each (mask of the instruction's bytes in it, their expected value).
+    first_word: u64,
+    words: [(u64, u64); 3],
+    insn: conduit_decode::Instruction,
 }
 
 const IOIO_IN: u64 = 1 << 0;
@@ -439,6 +477,7 @@ impl Vcpu {
             stats: Stats::default(),
             regions,
             console: heapless::Vec::new(),
+            mmio_cache: None,
         }
     }
 
@@ -771,13 +810,20 @@ impl Vcpu {
             return Action::Stop(Stop::MemoryViolation { gpa, access, rip });
         }
         self.stats.mmio += 1;
-        let (bytes, n) = match walk::fetch(&vmcb.save, &mut Mem(env)) {
-            Ok(f) => f,
-            Err(error) => return Action::Stop(Stop::InstructionFetch { rip, error }),
-        };
-        let insn = match conduit_decode::decode(&bytes[..n]) {
-            Ok(i) => i,
-            Err(error) => return Action::Stop(Stop::UnsupportedInstruction { gpa, rip, error }),
+        let insn = match self.cached_instruction(&vmcb.save, env) {
+            Some(insn) => insn,
+            None => {
+                let (bytes, n) = match walk::fetch(&vmcb.save, &mut Mem(env)) {
+                    Ok(f) => f,
+                    Err(error) => return Action::Stop(Stop::InstructionFetch { rip, error }),
+                };
+                let insn = match conduit_decode::decode(&bytes[..n]) {
+                    Ok(i) => i,
+                    Err(error) => return Action::Stop(Stop::UnsupportedInstruction { gpa, rip, error }),
+                };
+                self.remember_instruction(&vmcb.save, bytes, insn, env);
+                insn
+            }
         };
         // The bytes were read after the fault: another vCPU may have rewritten them. An
         // instruction whose direction disagrees with the fault is not emulated.
@@ -804,7 +850,9 @@ impl Vcpu {
             }
             Handler::Device(id) => match insn.store_value(&regs) {
                 Some(value) => {
-                    if !env.mmio_write(id, offset, size, value) {
+                    if env.doorbell(id, offset, size, value) {
+                        self.stats.doorbells += 1;
+                    } else if !env.mmio_write(id, offset, size, value) {
                         return Action::Stop(Stop::MemoryViolation { gpa, access, rip });
                     }
                 }
@@ -816,6 +864,58 @@ impl Vcpu {
         }
         self.skip(vmcb, u64::from(insn.len));
         Action::Resume
+    }
+
+    /// The instruction at the guest's RIP if it is the one emulated last (same CR3, RIP and
+    /// bytes), without a page walk or a decode.
+    fn cached_instruction(
+        &self,
+        save: &crate::vmcb::SaveArea,
+        env: &mut impl Env,
+    ) -> Option<conduit_decode::Instruction> {
+        let c = self.mmio_cache.as_ref()?;
+        if c.cr3 != save.cr3 || c.rip != save.rip {
+            return None;
+        }
+        // Compare the aligned words covering the instruction (at most three), masked to its
+        // bytes: a few loads and compares instead of a byte-wise copy.
+        let mut word = c.first_word;
+        for &(mask, expected) in &c.words {
+            if mask == 0 {
+                break;
+            }
+            if (env.read_guest_u64(word)? ^ expected) & mask != 0 {
+                return None;
+            }
+            word += 8;
+        }
+        Some(c.insn)
+    }
+
+    /// Keeps `insn` (decoded from `bytes` at the guest's RIP) for the next exit at that RIP, if
+    /// it lies within one page.
+    fn remember_instruction(
+        &mut self,
+        save: &crate::vmcb::SaveArea,
+        bytes: [u8; walk::MAX_INSTRUCTION],
+        insn: conduit_decode::Instruction,
+        env: &mut impl Env,
+    ) {
+        self.mmio_cache = None;
+        if (save.rip & 0xfff) + u64::from(insn.len) > 0x1000 {
+            return;
+        }
+        let Ok(gpa) = walk::translate(save, save.rip, &mut Mem(env)) else { return };
+        let first_word = gpa & !7;
+        let mut words = [(0u64, 0u64); 3];
+        for (i, &b) in bytes.iter().take(usize::from(insn.len)).enumerate() {
+            let at = gpa + i as u64 - first_word;
+            let Some(w) = words.get_mut((at / 8) as usize) else { return };
+            let shift = (at % 8) * 8;
+            w.0 |= 0xff << shift;
+            w.1 |= u64::from(b) << shift;
+        }
+        self.mmio_cache = Some(CachedInstruction { cr3: save.cr3, rip: save.rip, first_word, words, insn });
     }
 
     /// `mov cr8, r64` (REX.R + 0F 22 /r, or the AMD `lock mov cr0` alias F0 0F 22 /r): the

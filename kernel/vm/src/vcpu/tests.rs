@@ -514,3 +514,70 @@ fn invd_is_a_no_op_and_delivery_faults_are_not_emulated() {
     exit_with(&mut vmcb, exit::NPF, 1 << 33, layout::LOCAL_APIC + 0x80);
     assert!(matches!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Stop(Stop::MemoryViolation { .. })));
 }
+
+#[test]
+fn the_instruction_cache_follows_the_bytes_and_offers_doorbells_first() {
+    struct DoorbellEnv {
+        inner: FakeEnv,
+        rung: Vec<(u16, u64, u8, u64)>,
+    }
+    impl Env for DoorbellEnv {
+        fn read_guest(&mut self, gpa: u64, buf: &mut [u8]) -> bool {
+            self.inner.read_guest(gpa, buf)
+        }
+        fn tsc(&self) -> u64 {
+            self.inner.tsc()
+        }
+        fn uptime_us(&self) -> u64 {
+            0
+        }
+        fn host_cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
+            self.inner.host_cpuid(leaf, subleaf)
+        }
+        fn console_line(&mut self, _line: &[u8]) {}
+        fn signal(&mut self, _value: u64) {}
+        fn mailbox(&mut self) -> u64 {
+            0
+        }
+        fn mmio_write(&mut self, id: u16, offset: u64, size: u8, value: u64) -> bool {
+            self.inner.mmio_write(id, offset, size, value)
+        }
+        fn doorbell(&mut self, id: u16, offset: u64, size: u8, value: u64) -> bool {
+            // Offset 0x20 is a doorbell; everything else goes the generic way.
+            let hit = offset == 0x20;
+            if hit {
+                self.rung.push((id, offset, size, value));
+            }
+            hit
+        }
+    }
+    let (mut v, mut vmcb, p, inner) = setup();
+    let mut env = DoorbellEnv { inner, rung: Vec::new() };
+    env.inner.device = Some(7);
+    v.regions.insert(0xc000_0000, 0x1000, crate::mmio::Handler::Device(7)).unwrap();
+    // mov dword [rdi], 5 (c7 07 imm32), twice at the same RIP: the second from the cache.
+    place(&mut env.inner, &[0xc7, 0x07, 5, 0, 0, 0]);
+    for _ in 0..2 {
+        vmcb.save.rip = CODE;
+        exit_with(&mut vmcb, exit::NPF, 1 << 1 | 1 << 32, 0xc000_0020);
+        assert_eq!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Resume);
+        assert_eq!(vmcb.save.rip, CODE + 6);
+    }
+    assert_eq!(env.rung, [(7, 0x20, 4, 5), (7, 0x20, 4, 5)]);
+    assert_eq!(v.stats.doorbells, 2);
+    assert!(env.inner.device_writes.is_empty(), "a doorbell is not also written the generic way");
+    // The guest rewrites the instruction in place (same RIP, same CR3): decoded afresh.
+    // mov word [rdi], 9 (66 c7 07 imm16)
+    place(&mut env.inner, &[0x66, 0xc7, 0x07, 9, 0]);
+    vmcb.save.rip = CODE;
+    exit_with(&mut vmcb, exit::NPF, 1 << 1 | 1 << 32, 0xc000_0020);
+    assert_eq!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Resume);
+    assert_eq!(env.rung.last(), Some(&(7, 0x20, 2, 9)));
+    assert_eq!(vmcb.save.rip, CODE + 5);
+    // Not a doorbell: the generic path.
+    vmcb.save.rip = CODE;
+    exit_with(&mut vmcb, exit::NPF, 1 << 1 | 1 << 32, 0xc000_0024);
+    assert_eq!(v.handle_exit(&mut vmcb, &p, &mut env), Action::Resume);
+    assert_eq!(env.inner.device_writes, [(0x24, 2, 9)]);
+    assert_eq!(v.stats.doorbells, 3);
+}
