@@ -123,7 +123,8 @@ pub mod doorbell {
     const _: () = assert!(core::mem::offset_of!(Request, offset) == 8);
     const _: () = assert!(core::mem::offset_of!(Request, event_vcpu) == 40);
 
-    /// Doorbells one device takes unless the partition says otherwise (`doorbell_limit=`).
+    /// Doorbells one device takes unless the kernel command line says otherwise
+    /// (`conduit.doorbell_limit=N`).
     pub const DEFAULT_DEVICE_LIMIT: u32 = 1000;
 }
 

@@ -53,3 +53,27 @@ pub fn enable_fxsr() {
     //    back as read (`Cr4::update`).
     unsafe { Cr4::update(|f| f.insert(Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE)) };
 }
+
+/// A 64-bit value nobody outside can predict, for seeding hash tables guests could otherwise
+/// aim collisions at: RDRAND when the CPU has it (retried a bounded number of times, as the
+/// instruction may transiently fail), else the TSC mixed with a constant (weaker: under
+/// `-icount` the TSC at boot is deterministic).
+pub fn random_seed() -> u64 {
+    const RDRAND: u32 = 1 << 30;
+    if __cpuid(1).ecx & RDRAND != 0 {
+        for _ in 0..16 {
+            let value: u64;
+            let ok: u8;
+            // SAFETY:
+            // 1. CPUID.1:ECX.RDRAND says the instruction exists.
+            // 2. It writes only its output register and CF (read by `setc`); no memory, no stack.
+            unsafe {
+                core::arch::asm!("rdrand {v}", "setc {ok}", v = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack));
+            }
+            if ok != 0 {
+                return value;
+            }
+        }
+    }
+    super::time::rdtsc().rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15
+}

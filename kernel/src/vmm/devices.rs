@@ -615,6 +615,9 @@ fn add_function(
         f.msi.is_some(),
         f.msix.is_some()
     );
+    for b in &bars {
+        doorbells::publish_host(index, slot, b.index, b.window);
+    }
     bus.functions
         .push(Func::Physical(Physical {
             host: dev,
@@ -775,9 +778,9 @@ impl Physical {
     /// page) — their accesses trap and are forwarded.
     fn map_bars(&mut self, partition: usize) {
         // The doorbell fast path finds the BARs through the directory, mapped or not.
-        doorbells::clear(partition, self.slot);
+        doorbells::clear_guest(partition, self.slot);
         for (gpa, b) in self.placed() {
-            doorbells::publish(partition, self.slot, b.index, Some((gpa, b.size)), b.window);
+            doorbells::publish_guest(partition, self.slot, b.index, Some((gpa, b.size)));
         }
         for (gpa, b) in self.placed() {
             if b.size < PAGE_SIZE {
@@ -807,7 +810,7 @@ impl Physical {
     }
 
     fn unmap_bars(&mut self, partition: usize) {
-        doorbells::clear(partition, self.slot);
+        doorbells::clear_guest(partition, self.slot);
         for m in self.mappings.iter() {
             if let Err(e) = build::unmap_device(partition, m.gpa, m.len) {
                 defmt::error!("vmm: unmapping {=u64:#x}: {}", m.gpa, e);
@@ -1542,7 +1545,15 @@ fn doorbell_key(r: &abi_doorbell::Request) -> Result<(conduit_doorbell::Width, c
         return Err(error::EINVAL);
     }
     let width = conduit_doorbell::Width::from_bytes(r.width).ok_or(error::EINVAL)?;
+    // A key no doorbell can have (not a BAR, a value wider than the write) is malformed for
+    // every call, not merely unknown.
+    if usize::from(r.bar) >= conduit_doorbell::BARS {
+        return Err(error::EINVAL);
+    }
     let matches = if r.flags & abi_doorbell::MATCH_VALUE != 0 {
+        if !width.fits(r.match_value) {
+            return Err(error::EINVAL);
+        }
         conduit_doorbell::Match::Value(r.match_value)
     } else {
         conduit_doorbell::Match::Any
@@ -1579,8 +1590,36 @@ impl Physical {
     /// One more (`add`) or one fewer doorbell on the page of BAR `bar` holding `offset`; the
     /// BAR mappings are redone when a page starts or stops trapping. False when a new page
     /// does not fit.
+    /// Whether a doorbell at `offset` of BAR `bar` can be registered as far as trapped pages
+    /// go: its page traps already, or there is room to trap one more.
+    fn doorbell_page_has_room(&self, bar: u8, offset: u64) -> bool {
+        let start = offset & !(PAGE_SIZE - 1);
+        self.traps_anyway(bar, start)
+            || self.doorbell_pages.iter().any(|d| d.bar == bar && d.start == start)
+            || !self.doorbell_pages.is_full()
+    }
+
+    /// Whether the page at `start` of BAR `bar` traps without any doorbell: it holds the MSI-X
+    /// table or PBA, or the BAR is smaller than a page (never mapped).
+    fn traps_anyway(&self, bar: u8, start: u64) -> bool {
+        let small = self.bars.iter().any(|b| b.index == bar && b.size < PAGE_SIZE);
+        let msix = self.msix_cap.is_some_and(|x| {
+            let page = |off: u32, len: u64| {
+                let s = u64::from(off) & !(PAGE_SIZE - 1);
+                (s, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
+            };
+            let (t0, t1) = page(x.table_offset, u64::from(x.table_size) * 16);
+            let (p0, p1) = page(x.pba_offset, u64::from(x.table_size).div_ceil(64) * 8);
+            (x.table_bir == bar && start >= t0 && start < t1) || (x.pba_bir == bar && start >= p0 && start < p1)
+        });
+        small || msix
+    }
+
     fn doorbell_page(&mut self, partition: usize, bar: u8, offset: u64, add: bool) -> bool {
         let start = offset & !(PAGE_SIZE - 1);
+        if self.traps_anyway(bar, start) {
+            return true;
+        }
         let at = self.doorbell_pages.iter().position(|d| d.bar == bar && d.start == start);
         let changed = match (at, add) {
             (Some(i), true) => {
@@ -1664,31 +1703,50 @@ impl Bus {
         } else {
             None
         };
-        let event = if request.flags & abi_doorbell::EVENT != 0 {
-            match self.doorbell_event(request.event_vcpu, request.event_vector) {
-                Ok(c) => Some(u32::from(c.0)),
-                Err(e) => return e,
-            }
-        } else {
-            None
+        let wants_event = request.flags & abi_doorbell::EVENT != 0;
+        let Some(device) = (match self.functions.get(index) {
+            Some(Func::Physical(p)) => doorbells::device_id(partition, p.slot),
+            _ => None,
+        }) else {
+            return error::ENODEV;
         };
-        let Some(Func::Physical(p)) = self.functions.get_mut(index) else { return error::EINVAL };
-        let Some(device) = doorbells::device_id(partition, p.slot) else { return error::ENODEV };
-        let doorbell = conduit_doorbell::Doorbell {
+        // The partition's share of the table: no partition can starve the others.
+        let used: u32 = (0..self.functions.len())
+            .filter_map(|f| doorbells::device_id(partition, f))
+            .map(|d| doorbells::TABLE.count(d))
+            .sum();
+        let Some(Func::Physical(p)) = self.functions.get_mut(index) else { return error::ENODEV };
+        let mut doorbell = conduit_doorbell::Doorbell {
             device,
             bar: request.bar,
             offset: request.offset,
             width,
             matches,
-            action: conduit_doorbell::Action { write, event },
+            // A stand-in event while the rules are checked: the context is taken only for a
+            // doorbell that passes them.
+            action: conduit_doorbell::Action { write, event: wants_event.then_some(0) },
         };
-        if let Err(e) = doorbells::TABLE.add(&doorbell, &p.doorbell_view()) {
+        let view = p.doorbell_view();
+        if let Err(e) = conduit_doorbell::validate(&doorbell, &view) {
             return e.code();
         }
-        if !p.doorbell_page(partition, request.bar, request.offset, true) {
-            let _ = doorbells::TABLE.remove(device, request.bar, request.offset, width, matches);
+        if used >= doorbells::PARTITION_SHARE {
             return error::ENOSPC;
         }
+        if !p.doorbell_page_has_room(request.bar, request.offset) {
+            return error::ENOSPC;
+        }
+        if wants_event {
+            match self.doorbell_event(request.event_vcpu, request.event_vector) {
+                Ok(c) => doorbell.action.event = Some(u32::from(c.0)),
+                Err(e) => return e,
+            }
+        }
+        let Some(Func::Physical(p)) = self.functions.get_mut(index) else { return error::ENODEV };
+        if let Err(e) = doorbells::TABLE.add(&doorbell, &view) {
+            return e.code();
+        }
+        p.doorbell_page(partition, request.bar, request.offset, true);
         0
     }
 

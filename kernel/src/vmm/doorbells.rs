@@ -7,8 +7,12 @@
 //! bounded by `MAX_FUNCTIONS × 6` loads, the lookup by the table's probe window.
 //!
 //! The control side (registration, BAR moves, teardown) lives in `devices`, under the bus
-//! lock, and keeps the directory current: a BAR is published here only while the guest has
-//! memory decode on and the BAR placed in the window.
+//! lock, and keeps the directory current: a BAR's guest address is published while the guest
+//! has memory decode on and the BAR placed in the window; the host windows are published at
+//! attach. A fast path already past the directory when the guest turns decode off, moves the
+//! BAR or removes the doorbell may still complete its device write just after that control
+//! operation returned — the same window a not-yet-flushed nested TLB entry gives the guest's
+//! own direct accesses; it only ever reaches the guest's own device, through its own BARs.
 
 use super::MAX_PARTITIONS;
 use super::devices::MAX_FUNCTIONS;
@@ -19,8 +23,12 @@ use conduit_irq::ContextId;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Slots of the doorbell table: room for `SLOTS / 2` doorbells across all partitions
-/// (72 bytes a slot with its control word: about 580 KiB of `.bss`).
-pub const SLOTS: usize = 8192;
+/// (72 bytes a slot with its control word: about 2.3 MiB of `.bss`).
+pub const SLOTS: usize = 32768;
+
+/// Doorbells one partition may hold (an equal share of the table, so no partition can
+/// starve the others; above one device's default limit of 1000).
+pub const PARTITION_SHARE: u32 = (SLOTS / 2 / MAX_PARTITIONS) as u32;
 
 /// Every partition's doorbells. Device ids are `partition * MAX_FUNCTIONS + function`.
 pub static TABLE: Table<SLOTS> = Table::new();
@@ -67,22 +75,41 @@ fn bars_of(partition: usize, function: usize) -> Option<&'static [FastBar; 6]> {
     DIRECTORY.get(partition)?.bars.get(function)
 }
 
-/// Publishes BAR `bar` of a function: decoded at guest `gpa` with `size` bytes (`None`: not
-/// decoded), backed by `host`. Called under the partition's bus lock.
-pub fn publish(partition: usize, function: usize, bar: u8, guest: Option<(u64, u64)>, host: Option<MmioWindow>) {
+/// Publishes the hypervisor's window onto host BAR `bar` of a function (at attach: host BARs
+/// never move while the device is assigned, and the mapping is permanent).
+pub fn publish_host(partition: usize, function: usize, bar: u8, host: Option<MmioWindow>) {
+    if let Some(b) = bars_of(partition, function).and_then(|b| b.get(usize::from(bar))) {
+        b.host.set(host);
+    }
+}
+
+/// Publishes where the guest decodes BAR `bar` of a function: at guest `gpa` with `size`
+/// bytes, or not at all (`None`). Called under the partition's bus lock.
+pub fn publish_guest(partition: usize, function: usize, bar: u8, guest: Option<(u64, u64)>) {
     let Some(b) = bars_of(partition, function).and_then(|b| b.get(usize::from(bar))) else { return };
     let word = match guest {
         Some((gpa, size)) if gpa >> 32 == 0 && size >> 32 == 0 && size != 0 => gpa << 32 | size,
         _ => 0,
     };
-    b.host.set(host);
     b.guest.store(word, Ordering::Release);
-    if let Some(dir) = DIRECTORY.get(partition) {
+    if word != 0
+        && let Some(dir) = DIRECTORY.get(partition)
+    {
         dir.functions.fetch_max(function + 1, Ordering::AcqRel);
     }
 }
 
-/// Forgets every BAR of a function (detached, or its slot reused).
+/// Withdraws every guest BAR of a function (decode off, BARs moving): the fast path stops
+/// finding them; the host windows stay.
+pub fn clear_guest(partition: usize, function: usize) {
+    if let Some(bars) = bars_of(partition, function) {
+        for b in bars {
+            b.guest.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Forgets a function entirely (detached).
 pub fn clear(partition: usize, function: usize) {
     if let Some(bars) = bars_of(partition, function) {
         for b in bars {

@@ -201,8 +201,8 @@ pub use build::{bundle, create, host_address, partition_info, start, teardown};
 /// guest-device host vectors have their own IDT entry (`arch::idt`), always installed.
 pub fn init() -> Result<(), BuildError> {
     // A seed guests cannot know, so they cannot aim doorbell hash collisions at one probe
-    // window (the TSC at boot: not secret against a determined observer, but not a constant).
-    let _ = doorbells::TABLE.set_hash_seed(crate::time::rdtsc().rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15);
+    // window.
+    let _ = doorbells::TABLE.set_hash_seed(crate::arch::cpu::random_seed());
     build::permission_maps().map(|_| ())
 }
 pub use run::run_here;

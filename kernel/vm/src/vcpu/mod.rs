@@ -431,9 +431,10 @@ pub struct Vcpu {
 /// doorbells and poll registers from the same few instructions, so the page walk and the
 /// decode are done once. Reused only when CR3 and RIP are the same and the instruction's bytes
 /// at the remembered guest-physical address are still the same bytes (re-read each time). A
-/// guest that remaps its code page under the same CR3 without changing the bytes there gets
-/// the instruction it had (the same outcome as a stale TLB entry on hardware); guest memory is
-/// only read, within the guest's RAM.
+/// guest that remaps its code page under the same CR3 (even after INVLPG or reloading CR3 with
+/// the same value), or changes its code segment or paging mode at the same RIP and CR3, gets
+/// the instruction it had before: an emulation the guest brought on itself and that only
+/// touches its own registers and devices. Guest memory is only read, within the guest's RAM.
 #[derive(Clone, Copy, Debug)]
 struct CachedInstruction {
     cr3: u64,

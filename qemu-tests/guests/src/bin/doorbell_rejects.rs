@@ -114,6 +114,15 @@ fn cases(r: &mut Report) {
     expect(r, "removing on nvme (never added)", remove(NVME, &ok), error::ENODEV);
     expect(r, "removing the 2-byte one", remove(EDU, &narrow), 0);
     expect(r, "removing it again", remove(EDU, &narrow), error::ENODEV);
+    expect(r, "removing a key no doorbell can have (BAR 9)", remove(EDU, &Request { bar: 9, ..narrow }), error::EINVAL);
+    // Refused requests take no event target: more refused event requests than the partition
+    // has targets (32), then a valid one still gets its target.
+    for v in 0..40 {
+        let _ = add(EDU, &Request { flags: db::EVENT, bar: 1, event_vector: 0x40 + v, ..ok });
+    }
+    let event = Request { flags: db::EVENT, offset: 0x18, write_offset: 0x18, event_vector: 0x7f, ..ok };
+    expect(r, "an event doorbell after 40 refused ones", add(EDU, &event), 0);
+    expect(r, "removing it", remove(EDU, &event), 0);
 
     // The limit: 1 in place, LIMIT - 1 more fit, the next does not; removing one makes room.
     let mut added = 1;
