@@ -284,6 +284,13 @@ impl Slot {
 /// Writer-only per-device bookkeeping.
 struct DeviceBook {
     count: AtomicU32,
+    /// Of `count`, the value-matched and the any-value entries. Each is raised before such an
+    /// entry is published and lowered after it is retired, so neither ever undercounts what a
+    /// reader can find: a lookup skips the exact-value probe when `values` is 0 and the
+    /// any-value probe when `anys` is 0 (a device with one kind of doorbell costs one probe
+    /// sequence).
+    values: AtomicU32,
+    anys: AtomicU32,
     /// First slot of the device's list, plus one (`NONE`: empty).
     head: AtomicU32,
     /// `0`: the table's limit; else the device's own limit plus one.
@@ -292,7 +299,13 @@ struct DeviceBook {
 
 impl DeviceBook {
     const fn new() -> Self {
-        Self { count: AtomicU32::new(0), head: AtomicU32::new(NONE), limit: PlainU64::new(0) }
+        Self {
+            count: AtomicU32::new(0),
+            values: AtomicU32::new(0),
+            anys: AtomicU32::new(0),
+            head: AtomicU32::new(NONE),
+            limit: PlainU64::new(0),
+        }
     }
 }
 
@@ -533,6 +546,10 @@ impl<const SLOTS: usize> Table<SLOTS> {
         let slot = self.slot(index);
         let control = self.control(index);
         let old = control.load(Ordering::Relaxed);
+        match doorbell.matches {
+            Match::Value(_) => book.values.fetch_add(1, Ordering::AcqRel),
+            Match::Any => book.anys.fetch_add(1, Ordering::AcqRel),
+        };
         let busy = bump(old, BUSY);
         control.store(busy, Ordering::Relaxed);
         let (write_offset, write_value) = match &doorbell.action.write {
@@ -589,6 +606,10 @@ impl<const SLOTS: usize> Table<SLOTS> {
         let found = self.probe(seed, &key).ok_or(Error::NotFound)?;
         self.unlink(book, found.index);
         self.retire(seed, found.index);
+        match value {
+            Some(_) => book.values.fetch_sub(1, Ordering::AcqRel),
+            None => book.anys.fetch_sub(1, Ordering::AcqRel),
+        };
         Ok(())
     }
 
@@ -607,6 +628,8 @@ impl<const SLOTS: usize> Table<SLOTS> {
         }
         book.head.store(NONE, PlainOrdering::Relaxed);
         book.count.store(0, PlainOrdering::Relaxed);
+        book.values.store(0, Ordering::Release);
+        book.anys.store(0, Ordering::Release);
         removed
     }
 
@@ -642,11 +665,14 @@ impl<const SLOTS: usize> Table<SLOTS> {
         if usize::from(bar) >= BARS {
             return None;
         }
+        let book = self.devices.get(usize::from(device))?;
+        let (values, anys) = (book.values.load(Ordering::Acquire), book.anys.load(Ordering::Acquire));
         let seed = self.seed.load(PlainOrdering::Relaxed);
         let exact = Key::new(device, bar, offset, width, Some(written & width.mask()));
-        let found = match self.probe(seed, &exact) {
+        let found = match (values != 0).then(|| self.probe(seed, &exact)).flatten() {
             Some(found) => found,
-            None => self.probe(seed, &exact.any())?,
+            None if anys != 0 => self.probe(seed, &exact.any())?,
+            None => return None,
         };
         self.slot(found.index).hits.fetch_add(1, PlainOrdering::Relaxed);
         Some(Hit {

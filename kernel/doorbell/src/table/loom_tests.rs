@@ -161,3 +161,30 @@ fn loom_removal_keeps_a_colliding_key_reachable() {
         assert_eq!(t.stats().tombstones, 1, "A's slot stays a tombstone while C's path crosses it");
     });
 }
+
+/// (5) The per-device kind counters that let a lookup skip a probe sequence never hide a
+/// doorbell registered for the whole lookup: an any-value doorbell stays found while a
+/// value-matched doorbell of the same device is added and removed, and the reverse.
+#[test]
+fn loom_kind_counters_never_hide_a_stable_doorbell() {
+    model(|| {
+        let t = Arc::new(Tiny::new());
+        let stable_any = Doorbell { matches: Match::Any, ..bell(0x10, 1) };
+        let stable_value = bell(0x20, 2);
+        t.add(&stable_any, &view()).unwrap();
+        t.add(&stable_value, &view()).unwrap();
+        let w = t.clone();
+        let writer = loom::thread::spawn(move || {
+            let churn_value = bell(0x30, 3);
+            let churn_any = Doorbell { matches: Match::Any, ..bell(0x40, 4) };
+            w.add(&churn_value, &view()).unwrap();
+            w.remove(churn_value.device, churn_value.bar, churn_value.offset, churn_value.width, churn_value.matches)
+                .unwrap();
+            w.add(&churn_any, &view()).unwrap();
+            w.remove(churn_any.device, churn_any.bar, churn_any.offset, churn_any.width, Match::Any).unwrap();
+        });
+        assert_eq!(look(&t, &stable_any), Some(stable_any.action), "the any-value doorbell was hidden");
+        assert_eq!(look(&t, &stable_value), Some(stable_value.action), "the value doorbell was hidden");
+        writer.join().unwrap();
+    });
+}

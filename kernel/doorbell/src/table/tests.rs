@@ -57,7 +57,7 @@ fn a_static_table_is_const() {
     assert_eq!(DoorbellTable::CAPACITY, 65536);
     assert_eq!(DoorbellTable::PROBE_WINDOW, PROBE_LIMIT);
     assert_eq!(core::mem::size_of::<Slot>(), 64, "one cache line per slot");
-    assert_eq!(core::mem::size_of::<DoorbellTable>(), 72 * DEFAULT_SLOTS + 16 * MAX_DEVICES + 64);
+    assert_eq!(core::mem::size_of::<DoorbellTable>(), 72 * DEFAULT_SLOTS + 24 * MAX_DEVICES + 64);
 }
 
 #[test]
