@@ -330,6 +330,8 @@ impl EntryId {
 pub struct Hit {
     /// The entry that matched.
     pub id: EntryId,
+    /// The value it matched on (a value-matched doorbell), or `None` (an any-value one).
+    pub value: Option<u64>,
     /// Its action.
     pub action: Action,
 }
@@ -669,14 +671,15 @@ impl<const SLOTS: usize> Table<SLOTS> {
         let (values, anys) = (book.values.load(Ordering::Acquire), book.anys.load(Ordering::Acquire));
         let seed = self.seed.load(PlainOrdering::Relaxed);
         let exact = Key::new(device, bar, offset, width, Some(written & width.mask()));
-        let found = match (values != 0).then(|| self.probe(seed, &exact)).flatten() {
-            Some(found) => found,
-            None if anys != 0 => self.probe(seed, &exact.any())?,
+        let (found, value) = match (values != 0).then(|| self.probe(seed, &exact)).flatten() {
+            Some(found) => (found, Some(exact.value)),
+            None if anys != 0 => (self.probe(seed, &exact.any())?, None),
             None => return None,
         };
         self.slot(found.index).hits.fetch_add(1, PlainOrdering::Relaxed);
         Some(Hit {
             id: EntryId { slot: found.index as u32, control: found.control },
+            value,
             action: decode_action(found.meta, found.write_offset, found.write_value),
         })
     }
@@ -708,6 +711,20 @@ impl<const SLOTS: usize> Table<SLOTS> {
             return None;
         }
         Some(slot.hits.load(PlainOrdering::Relaxed))
+    }
+
+    /// Counts one more hit on the entry `id` if it is still registered (for a caller that
+    /// remembered a [`Hit`] and rings it again without a lookup); returns whether it was.
+    #[inline]
+    pub fn record_hit(&self, id: EntryId) -> bool {
+        let (Some(slot), Some(control)) = (self.slots.get(id.slot as usize), self.control.get(id.slot as usize)) else {
+            return false;
+        };
+        if control.load(Ordering::Acquire) != id.control {
+            return false;
+        }
+        slot.hits.fetch_add(1, PlainOrdering::Relaxed);
+        true
     }
 
     /// The doorbell `id` names, if it is still registered (for traces and tests; takes the

@@ -664,6 +664,7 @@ pub fn detach(index: usize) -> bool {
                 // Every vCPU has stopped: no fast path is looking at these any more.
                 if let Some(device) = doorbells::device_id(index, p.slot) {
                     doorbells::TABLE.remove_device(device);
+                    doorbells::changed();
                 }
                 doorbells::clear(index, p.slot);
                 if let Some(f) = host_function(p.bdf) {
@@ -1746,6 +1747,7 @@ impl Bus {
         if let Err(e) = doorbells::TABLE.add(&doorbell, &view) {
             return e.code();
         }
+        doorbells::changed();
         p.doorbell_page(partition, request.bar, request.offset, true);
         0
     }
@@ -1762,6 +1764,7 @@ impl Bus {
         if remove {
             match doorbells::TABLE.remove(device, request.bar, request.offset, width, matches) {
                 Ok(()) => {
+                    doorbells::changed();
                     p.doorbell_page(partition, request.bar, request.offset, false);
                     0
                 }

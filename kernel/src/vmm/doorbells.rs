@@ -63,8 +63,30 @@ static DIRECTORY: [Directory; MAX_PARTITIONS] = [const {
     }
 }; MAX_PARTITIONS];
 
-/// Doorbell writes served by the fast path, all partitions.
+/// Doorbell writes the fast path served so far.
 static SERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Bumped by every change a remembered doorbell depends on (a doorbell added or removed, a
+/// BAR published or withdrawn): a vCPU's [`Memo`] is used only while this is unchanged since
+/// it was made.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Says that doorbells or the directory changed (control path, after the change).
+pub fn changed() {
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A vCPU's last doorbell: drivers ring the same few registers, so the directory walk and the
+/// table lookup are done once per (address, width[, value]) until anything changes.
+#[derive(Clone, Copy, Debug)]
+pub struct Memo {
+    generation: u64,
+    gpa: u64,
+    size: u8,
+    hit: conduit_doorbell::Hit,
+    /// The window of the action's write target, if it writes.
+    window: Option<MmioWindow>,
+}
 
 /// The table's device id of function `function` of partition `partition`.
 pub fn device_id(partition: usize, function: usize) -> Option<u16> {
@@ -81,6 +103,7 @@ pub fn publish_host(partition: usize, function: usize, bar: u8, host: Option<Mmi
     if let Some(b) = bars_of(partition, function).and_then(|b| b.get(usize::from(bar))) {
         b.host.set(host);
     }
+    changed();
 }
 
 /// Publishes where the guest decodes BAR `bar` of a function: at guest `gpa` with `size`
@@ -97,6 +120,7 @@ pub fn publish_guest(partition: usize, function: usize, bar: u8, guest: Option<(
     {
         dir.functions.fetch_max(function + 1, Ordering::AcqRel);
     }
+    changed();
 }
 
 /// Withdraws every guest BAR of a function (decode off, BARs moving): the fast path stops
@@ -107,6 +131,7 @@ pub fn clear_guest(partition: usize, function: usize) {
             b.guest.store(0, Ordering::Release);
         }
     }
+    changed();
 }
 
 /// Forgets a function entirely (detached).
@@ -117,6 +142,7 @@ pub fn clear(partition: usize, function: usize) {
             b.host.set(None);
         }
     }
+    changed();
 }
 
 /// Forgets the whole partition's directory (teardown: its vCPUs have stopped).
@@ -151,18 +177,37 @@ fn resolve(partition: usize, gpa: u64) -> Option<(usize, u8, u64)> {
 
 /// The fast path: a `size`-byte guest write of `value` at guest-physical `gpa` of partition
 /// `partition`. True when a registered doorbell took it (its device write done, its event
-/// raised); false sends the access down the generic path. Lock-free, allocation-free.
+/// raised); false sends the access down the generic path. Lock-free, allocation-free; `memo`
+/// is the calling vCPU's last doorbell.
 #[inline]
-pub fn fast_write(partition: usize, gpa: u64, size: u8, value: u64) -> bool {
+pub fn fast_write(partition: usize, gpa: u64, size: u8, value: u64, memo: &mut Option<Memo>) -> bool {
+    let generation = GENERATION.load(Ordering::Acquire);
+    if let Some(m) = memo
+        && m.generation == generation
+        && m.gpa == gpa
+        && m.size == size
+        && m.hit.value.is_none_or(|v| Width::from_bytes(size).is_some_and(|w| v == value & w.mask()))
+    {
+        if !ring(&m.hit, value, |_| m.window) {
+            return false;
+        }
+        TABLE.record_hit(m.hit.id);
+        SERVED.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
     let Some(width) = Width::from_bytes(size) else { return false };
     let Some((function, bar, offset)) = resolve(partition, gpa) else { return false };
     let Some(device) = device_id(partition, function) else { return false };
     let Some(hit) = TABLE.lookup(device, bar, offset, width, value) else { return false };
     let bars = bars_of(partition, function);
-    if !ring(&hit, value, |b| bars.and_then(|bars| bars.get(usize::from(b))).and_then(|b| b.host.get())) {
+    let window_of = |b: u8| bars.and_then(|bars| bars.get(usize::from(b))).and_then(|b| b.host.get());
+    if !ring(&hit, value, window_of) {
         // The BAR's window is being republished: the generic path rings it under the lock.
         return false;
     }
+    // Remembered with the generation read before the directory and the table were: any
+    // change since makes it unused.
+    *memo = Some(Memo { generation, gpa, size, hit, window: hit.action.write.and_then(|w| window_of(w.bar)) });
     SERVED.fetch_add(1, Ordering::Relaxed);
     true
 }

@@ -54,6 +54,8 @@ pub fn run_here() {
 struct KernelEnv<'a> {
     launch: &'a Launch,
     slot: &'static VcpuSlot,
+    /// This vCPU's last doorbell (the fast path's memo).
+    doorbell: Option<super::doorbells::Memo>,
 }
 
 impl Env for KernelEnv<'_> {
@@ -143,6 +145,7 @@ impl Env for KernelEnv<'_> {
                 conduit_abi::layout::PCI_WINDOW + offset,
                 size,
                 value,
+                &mut self.doorbell,
             )
     }
 
@@ -357,7 +360,7 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         );
     }
     let mut tlb_seen = super::build::tlb_generation(launch.partition);
-    let mut env = KernelEnv { launch, slot };
+    let mut env = KernelEnv { launch, slot, doorbell: None };
     // Nothing of the previous guest on this CPU (x87/SSE, DR0-3) reaches this one.
     svm::reset_guest_visible_state();
     slot.set_state(VcpuState::Running);

@@ -736,3 +736,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn record_hit_counts_only_while_registered() {
+    let t = Small::new();
+    let d = event_bell(0, 0, 0x10, Width::Dword, Match::Any);
+    let id = t.add(&d, &view()).unwrap();
+    assert!(t.record_hit(id));
+    assert_eq!(t.lookup(0, 0, 0x10, Width::Dword, 7).map(|h| h.id), Some(id));
+    assert_eq!(t.hits(id), Some(2));
+    t.remove(0, 0, 0x10, Width::Dword, Match::Any).unwrap();
+    assert!(!t.record_hit(id), "a removed entry takes no hit");
+    let again = t.add(&d, &view()).unwrap();
+    assert!(!t.record_hit(id), "nor does its successor in the same slot through the old id");
+    assert_eq!(t.hits(again), Some(0));
+}
