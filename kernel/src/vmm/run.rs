@@ -56,6 +56,8 @@ struct KernelEnv<'a> {
     slot: &'static VcpuSlot,
     /// This vCPU's last doorbell (the fast path's memo).
     doorbell: Option<super::doorbells::Memo>,
+    /// The last guest 2 MiB block read word-wise and its host address.
+    last_block: Option<(u64, u64)>,
 }
 
 impl Env for KernelEnv<'_> {
@@ -77,14 +79,26 @@ impl Env for KernelEnv<'_> {
         if !gpa.is_multiple_of(8) {
             return None;
         }
-        let (hpa, run) = self.launch.memory.translate(gpa)?;
-        if run < 8 {
-            return None;
-        }
+        // The 2 MiB block of the last read (page-table pages and the code being emulated sit in
+        // a few blocks): chunks are whole, aligned 2 MiB blocks fixed for the partition's life.
+        let block = gpa & !(conduit_vm::memory::CHUNK_ALIGN - 1);
+        let hpa = match self.last_block {
+            Some((g, h)) if g == block => h + (gpa - block),
+            _ => {
+                let (hpa, run) = self.launch.memory.translate(gpa)?;
+                if run < 8 {
+                    return None;
+                }
+                self.last_block = Some((block, hpa - (gpa - block)));
+                hpa
+            }
+        };
         // SAFETY:
-        // 1. `[hpa, hpa + 8)` lies in one chunk of this guest's RAM (`translate` found the
-        //    chunk, `run` ≥ 8 bytes left in it): frames the partition owns, identity-mapped RAM;
-        //    `hpa` is 8-aligned (chunks are 2 MiB-aligned and `gpa` is 8-aligned).
+        // 1. `[hpa, hpa + 8)` lies in one chunk of this guest's RAM: `translate` found the chunk
+        //    of `gpa` (now or for an earlier address in the same 2 MiB block, which lies in the
+        //    same chunk: chunks are 2 MiB-aligned whole blocks, fixed while the partition
+        //    lives): frames the partition owns, identity-mapped RAM; `hpa` is 8-aligned
+        //    (chunks are 2 MiB-aligned and `gpa` is 8-aligned).
         // 2. A volatile read: the guest may write the word concurrently; a torn value is the
         //    guest's problem, never a hazard here.
         Some(unsafe { core::ptr::read_volatile(hpa as *const u64) })
@@ -360,7 +374,7 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
         );
     }
     let mut tlb_seen = super::build::tlb_generation(launch.partition);
-    let mut env = KernelEnv { launch, slot, doorbell: None };
+    let mut env = KernelEnv { launch, slot, doorbell: None, last_block: None };
     // Nothing of the previous guest on this CPU (x87/SSE, DR0-3) reaches this one.
     svm::reset_guest_visible_state();
     slot.set_state(VcpuState::Running);

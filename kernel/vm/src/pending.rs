@@ -55,8 +55,21 @@ impl VectorSet {
     }
 
     /// The highest vector in the set.
+    #[inline]
     pub fn highest(&self) -> Option<u8> {
-        (0..4).rev().find(|&w| self.0[w] != 0).map(|w| (w as u8) * 64 + (63 - self.0[w].leading_zeros() as u8))
+        let [a, b, c, d] = self.0;
+        let (w, bits) = if d != 0 {
+            (3, d)
+        } else if c != 0 {
+            (2, c)
+        } else if b != 0 {
+            (1, b)
+        } else if a != 0 {
+            (0, a)
+        } else {
+            return None;
+        };
+        Some(w * 64 + (63 - bits.leading_zeros() as u8))
     }
 
     /// Whether the set is empty.

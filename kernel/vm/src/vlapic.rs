@@ -193,14 +193,24 @@ impl VLapic {
     /// The highest pending vector whose priority class is above the processor priority: the
     /// one to deliver next.
     pub fn deliverable(&self, pending: &PendingVectors) -> Option<u8> {
-        let v = pending.highest()?;
+        self.deliverable_of(pending.highest()?)
+    }
+
+    /// `deliverable` for a known highest pending vector `v`.
+    #[inline]
+    pub fn deliverable_of(&self, v: u8) -> Option<u8> {
         ((v & 0xf0) > (self.ppr() & 0xf0)).then_some(v)
     }
 
     /// The highest pending vector blocked only by the task priority (not by an in-service
     /// vector): an interrupt window with that priority opens when the guest lowers its TPR.
     pub fn blocked_by_tpr(&self, pending: &PendingVectors) -> Option<u8> {
-        let v = pending.highest()?;
+        self.blocked_by_tpr_of(pending.highest()?)
+    }
+
+    /// `blocked_by_tpr` for a known highest pending vector `v`.
+    #[inline]
+    pub fn blocked_by_tpr_of(&self, v: u8) -> Option<u8> {
         let isr_class = self.isr_highest & 0xf0;
         ((v & 0xf0) > isr_class && (v & 0xf0) <= (self.tpr & 0xf0)).then_some(v)
     }

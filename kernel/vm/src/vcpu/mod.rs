@@ -508,8 +508,11 @@ impl Vcpu {
             c.int_ctl |= int_ctl::V_IRQ | int_ctl::V_IGN_TPR | 0xf << int_ctl::V_INTR_PRIO_SHIFT;
             c.intercept_misc1 |= Misc1::VINTR.bits();
         };
+        // One look at the pending set (nothing pending, the common case on the MMIO and
+        // doorbell exits, ends here).
+        let Some(highest) = pending.highest() else { return };
         let queued = c.event_inj & vmcb::EVENT_VALID != 0;
-        if let Some(v) = self.lapic.deliverable(pending) {
+        if let Some(v) = self.lapic.deliverable_of(highest) {
             // An event already queued (a re-injection or an exception) goes first; the vector
             // follows as soon as the guest can take it.
             let open = !queued && vmcb.save.rflags & RFLAGS_IF != 0 && c.int_state & INTERRUPT_SHADOW == 0;
@@ -521,7 +524,7 @@ impl Vcpu {
             } else {
                 window(c);
             }
-        } else if self.lapic.blocked_by_tpr(pending).is_some() {
+        } else if self.lapic.blocked_by_tpr_of(highest).is_some() {
             c.intercept_cr |= crate::guest::INTERCEPT_CR8_WRITE;
         }
     }
