@@ -72,11 +72,11 @@ impl Regions {
     }
 
     /// The region holding `gpa`, and the offset of `gpa` in it.
+    #[inline]
     pub fn find(&self, gpa: u64) -> Option<(Region, u64)> {
-        // Sorted and disjoint: the candidate is the last region starting at or below `gpa`.
-        let i = self.regions.partition_point(|r| r.base <= gpa).checked_sub(1)?;
-        let r = self.regions[i];
-        (gpa - r.base < r.len).then_some((r, gpa - r.base))
+        // A handful of disjoint regions: one compare each beats a binary search (every MMIO
+        // exit comes here).
+        self.regions.iter().find(|r| gpa.wrapping_sub(r.base) < r.len).map(|r| (*r, gpa - r.base))
     }
 
     /// The regions, by address.
