@@ -570,7 +570,16 @@ fn add_function(
 ) -> Result<(), DeviceError> {
     let dev = f.addr;
     let cfg = crate::pci::config();
-    let vconfig = VirtualConfig::new(cfg, f, DevicePolicy::default()).map_err(|_| DeviceError::Config(bdf))?;
+    // Memory decode and I/O decode are the guest's only virtually: hardware memory decode
+    // stays on while the function is assigned (the hypervisor owns the MSI-X table and PBA
+    // behind it and must reach them whatever the guest's command register says; the guest's
+    // bit decides only whether its BARs are mapped), I/O decode stays off (I/O BARs are not
+    // passed through). Bus mastering is the guest's.
+    let policy = DevicePolicy { command_passthrough: Command::BUS_MASTER, ..DevicePolicy::default() };
+    let vconfig = VirtualConfig::new(cfg, f, policy).map_err(|_| DeviceError::Config(bdf))?;
+    let command = cfg.read16(dev, regs::COMMAND);
+    let command = (command | Command::MEMORY.bits()) & !(Command::IO | Command::BUS_MASTER).bits();
+    cfg.write16(dev, regs::COMMAND, command);
     let mut bars: heapless::Vec<HostBar, 6> = heapless::Vec::new();
     for b in f.bars.iter() {
         let memory = !matches!(b.kind, BarKind::Io);
