@@ -1151,6 +1151,8 @@ pub fn port(index: usize, port: u16, size: u8, write: Option<u32>) -> Option<u32
 /// A device's interrupt control (the VFIO-style API) over its front ends.
 struct Control<'a> {
     func: &'a mut Func,
+    /// The partition (for configuration writes that remap BARs).
+    partition: usize,
 }
 
 fn binding_target(slots: &VcpuSlots, b: EventBinding) -> Option<(u64, u32)> {
@@ -1224,17 +1226,30 @@ impl IrqControl for ApiCtx<'_> {
     }
 
     fn enable(&mut self, index: IrqIndex, count: u32) -> Result<(), IrqError> {
+        let partition = self.control.partition;
         match (&mut *self.control.func, index) {
+            // Through the guest's own configuration registers, so what the guest reads there
+            // stays what the front end does (a later read-modify-write by the guest must not
+            // undo the call).
             (Func::Physical(p), IrqIndex::Msix) => {
-                p.msix_control(true, false);
+                let cap = p.msix_cap.ok_or(IrqError::BadIndex)?;
+                let c = p.config_read(cap.offset + 2, Width::Word) as u16;
+                p.config_write(
+                    partition,
+                    cap.offset + 2,
+                    Width::Word,
+                    u32::from((c | MSIX_ENABLE) & !MSIX_FUNCTION_MASK),
+                );
                 Ok(())
             }
             (Func::Physical(p), IrqIndex::Msi) => {
-                let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
+                let cap = p.msi.as_ref().map(|m| m.backend().cap).ok_or(IrqError::BadIndex)?;
                 if count > 1 {
                     return Err(IrqError::NoSpace);
                 }
-                m.set_control(MsiControl { enabled: true, vectors_log2: 0 }, &VmmSink::here());
+                let c = p.config_read(cap.control(), Width::Word) as u16 & !conduit_pci::caps::msi_control::MME_MASK;
+                let c = c | conduit_pci::caps::msi_control::ENABLE;
+                p.config_write(partition, cap.control(), Width::Word, u32::from(c));
                 Ok(())
             }
             (Func::Notify(n), IrqIndex::Msix) => {
@@ -1246,11 +1261,19 @@ impl IrqControl for ApiCtx<'_> {
     }
 
     fn disable(&mut self, index: IrqIndex) {
+        let partition = self.control.partition;
         match (&mut *self.control.func, index) {
-            (Func::Physical(p), IrqIndex::Msix) => p.msix_control(false, false),
+            (Func::Physical(p), IrqIndex::Msix) => {
+                if let Some(cap) = p.msix_cap {
+                    let c = p.config_read(cap.offset + 2, Width::Word) as u16;
+                    p.config_write(partition, cap.offset + 2, Width::Word, u32::from(c & !MSIX_ENABLE));
+                }
+            }
             (Func::Physical(p), IrqIndex::Msi) => {
-                if let Some(m) = p.msi.as_mut() {
-                    m.set_control(MsiControl { enabled: false, vectors_log2: 0 }, &VmmSink::here());
+                if let Some(cap) = p.msi.as_ref().map(|m| m.backend().cap) {
+                    let c = p.config_read(cap.control(), Width::Word) as u16;
+                    let c = c & !conduit_pci::caps::msi_control::ENABLE;
+                    p.config_write(partition, cap.control(), Width::Word, u32::from(c));
                 }
             }
             (Func::Physical(p), IrqIndex::Err) => {
@@ -1327,14 +1350,19 @@ impl IrqControl for ApiCtx<'_> {
             }
             (Func::Notify(n), IrqIndex::Msix) => msix_bind(&mut n.msix, &slots, vector, binding),
             (Func::Physical(p), IrqIndex::Msi) => {
-                let m = p.msi.as_mut().ok_or(IrqError::BadIndex)?;
-                match binding {
-                    Some(b) => {
-                        let (address, data) = binding_target(&slots, b).ok_or(IrqError::BadData)?;
-                        m.set_address(address, &VmmSink::here());
-                        m.set_data(data as u16, &VmmSink::here());
-                    }
-                    None => m.set_address(0, &VmmSink::here()),
+                // Through the guest's MSI registers (see `enable`).
+                let partition = self.control.partition;
+                let cap = p.msi.as_ref().map(|m| m.backend().cap).ok_or(IrqError::BadIndex)?;
+                let (address, data) = match binding {
+                    Some(b) => binding_target(&slots, b).ok_or(IrqError::BadData)?,
+                    None => (0, 0),
+                };
+                p.config_write(partition, cap.address_lo(), Width::Dword, address as u32);
+                if let Some(hi) = cap.address_hi() {
+                    p.config_write(partition, hi, Width::Dword, (address >> 32) as u32);
+                }
+                if binding.is_some() {
+                    p.config_write(partition, cap.data(), Width::Word, data & 0xffff);
                 }
                 Ok(())
             }
@@ -1371,7 +1399,7 @@ impl IrqControl for ApiCtx<'_> {
 }
 
 /// Runs `f` on the function the guest names by requester ID on its bus.
-fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots) -> R) -> Result<R, i64> {
+fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots, usize) -> R) -> Result<R, i64> {
     let rid = u16::try_from(rid).map_err(|_| error::ENODEV)?;
     let (bus_nr, device, function) = ((rid >> 8) as u8, ((rid >> 3) & 0x1f) as u8, (rid & 7) as u8);
     let cell = BUSES.get(index).ok_or(error::ENODEV)?;
@@ -1384,7 +1412,7 @@ fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots)
             return Err(error::ENODEV);
         }
         let func = bus.function(device, function).ok_or(error::ENODEV)?;
-        let r = f(func, slots);
+        let r = f(func, slots, index);
         take_retired(bus, &mut retired);
         r
     };
@@ -1394,8 +1422,8 @@ fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots)
 
 /// `IRQ_INFO` for partition `index`.
 pub fn irq_info(index: usize, rid: u64, irq_index: u64) -> i64 {
-    match with_function(index, rid, |func, slots| {
-        let ctx = ApiCtx { control: Control { func }, slots };
+    match with_function(index, rid, |func, slots, partition| {
+        let ctx = ApiCtx { control: Control { func, partition }, slots };
         api::irq_info(&ctx, irq_index)
     }) {
         Ok(Ok(v)) => v as i64,
@@ -1406,8 +1434,8 @@ pub fn irq_info(index: usize, rid: u64, irq_index: u64) -> i64 {
 
 /// `SET_IRQS` for partition `index`; `data` was read from guest memory by the caller.
 pub fn set_irqs(index: usize, rid: u64, irq_index: u64, start: u64, count: u64, flags: u64, data: &[u8]) -> i64 {
-    match with_function(index, rid, |func, slots| {
-        let mut ctx = ApiCtx { control: Control { func }, slots };
+    match with_function(index, rid, |func, slots, partition| {
+        let mut ctx = ApiCtx { control: Control { func, partition }, slots };
         api::set_irqs(&mut ctx, irq_index, start, count, flags, data)
     }) {
         Ok(Ok(())) => 0,
@@ -1426,8 +1454,8 @@ pub fn set_irqs_data_bytes(
     count: u64,
     flags: u64,
 ) -> Result<usize, i64> {
-    match with_function(index, rid, |func, slots| {
-        let ctx = ApiCtx { control: Control { func }, slots };
+    match with_function(index, rid, |func, slots, partition| {
+        let ctx = ApiCtx { control: Control { func, partition }, slots };
         api::SetIrqs::parse(&ctx, irq_index, start, count, flags).map(|r| r.data_bytes())
     }) {
         Ok(Ok(n)) => Ok(n),
@@ -1439,7 +1467,7 @@ pub fn set_irqs_data_bytes(
 /// `IRQ_STATS` of vector `vector` at `irq_index` of the function `rid` of partition `index`.
 pub fn irq_stats(index: usize, rid: u64, irq_index: u64, vector: u64) -> Result<abi_irq::IrqStats, i64> {
     let idx = IrqIndex::from_abi(irq_index).ok_or(error::EINVAL)?;
-    with_function(index, rid, |func, _| {
+    with_function(index, rid, |func, _, _| {
         let none = || Err(error::EINVAL);
         match (&*func, idx) {
             (Func::Physical(p), IrqIndex::Msix) => {

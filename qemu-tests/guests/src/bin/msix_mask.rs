@@ -6,7 +6,12 @@
 //! - function mask: set it, complete an admin command (Get Features) by polling, wait 20 ms: no
 //!   interrupt at 0x60 and PBA bit 0 set; clear it: exactly one interrupt at 0x60, PBA bit 0
 //!   clear, no second one within 20 ms;
-//! - IRQ_STATS of entries 0 and 1: pending_while_masked ≥ 1, delivered = the guest's count.
+//! - IRQ_STATS of entries 0 and 1: pending_while_masked ≥ 1, delivered = the guest's count;
+//! - SET_IRQS event binding on the physical function: entry 1 rebound to vCPU 0 vector 0x66 by
+//!   `DATA_EVENT|ACTION_TRIGGER`: the guest's table shows the binding, a Read completes by an
+//!   interrupt at 0x66 (none at 0x61); `UNBIND`: a Read brings no interrupt; count 0 with no
+//!   data disables MSI-X, and the guest's own MSI-X control register reads disabled (the API
+//!   and the guest's config space agree).
 //!
 //! Only vCPU 0 takes part (other vCPUs exit at once with `PASS`).
 #![no_std]
@@ -14,6 +19,7 @@
 
 use conduit_guest_rt::abi::irq;
 use conduit_guest_rt::devices::nvme::{self, Command, NvmeFunction, Wait, feature, opcode};
+use conduit_guest_rt::hypercall::IrqData;
 use conduit_guest_rt::memory;
 use conduit_guest_rt::pci::{BarWindow, Bdf};
 use conduit_guest_rt::report::Report;
@@ -35,6 +41,8 @@ const NSID: u32 = 1;
 const QUIET_US: u64 = 20_000;
 /// Bound of the wait for the interrupt released by an unmask.
 const UNMASK_WAIT_US: u64 = 1_000_000;
+/// Vector entry 1 is rebound to by SET_IRQS.
+const BOUND_VECTOR: u8 = 0x66;
 
 fn main(info: &'static BootInfo) -> u64 {
     let mut r = Report::new(NAME);
@@ -45,6 +53,7 @@ fn main(info: &'static BootInfo) -> u64 {
     cpu::cli();
     interrupts::register(ADMIN_VECTOR, interrupts::count_only);
     interrupts::register(IO_VECTOR, interrupts::count_only);
+    interrupts::register(BOUND_VECTOR, interrupts::count_only);
     lapic::enable(interrupts::SPURIOUS_VECTOR);
     lapic::set_tpr(0);
     cpu::sti();
@@ -52,6 +61,9 @@ fn main(info: &'static BootInfo) -> u64 {
         entry_mask(&mut r, &mut dev);
         function_mask(&mut r, &mut dev);
         check_stats(&mut r);
+        if r.passed() {
+            event_binding(&mut r, &mut dev);
+        }
     }
     cpu::cli();
     r.check(
@@ -239,5 +251,74 @@ fn check_stats(r: &mut Report) {
                 r.fail(format_args!("IRQ_STATS({rid:#06x}, MSI-X, {entry}) -> {e} ({})", hypercall::error_name(e)))
             }
         }
+    }
+}
+
+/// Entry 1 bound, unbound and the index disabled through SET_IRQS on the physical function.
+fn event_binding(r: &mut Report, dev: &mut NvmeFunction) {
+    let before = r.failures();
+    let rid = NVME_BDF.rid();
+    let Some(buf) = memory::alloc_pages(1) else {
+        r.fail(format_args!("no free memory for the read buffer"));
+        return;
+    };
+    let bind = [irq::binding(0, BOUND_VECTOR)];
+    let res =
+        hypercall::set_irqs(rid, irq::INDEX_MSIX, 1, 1, irq::DATA_EVENT | irq::ACTION_TRIGGER, IrqData::Event(&bind));
+    if r.require("SET_IRQS bind entry 1", res.map_err(hypercall::error_name)).is_none() {
+        return;
+    }
+    let e1 = dev.msix.entry(1);
+    r.check(
+        !e1.masked() && e1.data == u32::from(BOUND_VECTOR) && dev.msix.is_enabled(),
+        format_args!("after the binding the guest reads entry 1 as {e1:?}, MSI-X enabled {}", dev.msix.is_enabled()),
+    );
+    let (io0, bound0) = (interrupts::count(IO_VECTOR), interrupts::count(BOUND_VECTOR));
+    let read = dev.controller.io_command(opcode::READ, NSID, 0, 1, &buf, 0);
+    let Some(read) = r.require("building the Read", read) else { return };
+    if r.require(
+        "Read after the binding (interrupt at 0x66)",
+        dev.controller.run(1, &read, Wait::Interrupt(BOUND_VECTOR), nvme::COMMAND_TIMEOUT_US),
+    )
+    .is_none()
+    {
+        return;
+    }
+    time::delay_us(QUIET_US);
+    let (io, bound) = (interrupts::count(IO_VECTOR) - io0, interrupts::count(BOUND_VECTOR) - bound0);
+    r.check(
+        io == 0 && bound == 1,
+        format_args!("bound: {bound} interrupts at {BOUND_VECTOR:#04x} and {io} at {IO_VECTOR:#04x}, expected 1 and 0"),
+    );
+    let unbind = [irq::UNBIND];
+    let res =
+        hypercall::set_irqs(rid, irq::INDEX_MSIX, 1, 1, irq::DATA_EVENT | irq::ACTION_TRIGGER, IrqData::Event(&unbind));
+    if r.require("SET_IRQS unbind entry 1", res.map_err(hypercall::error_name)).is_none() {
+        return;
+    }
+    let bound0 = interrupts::count(BOUND_VECTOR);
+    if r.require(
+        "Read after the unbinding (polled)",
+        dev.controller.run(1, &read, Wait::Poll, nvme::COMMAND_TIMEOUT_US),
+    )
+    .is_none()
+    {
+        return;
+    }
+    time::delay_us(QUIET_US);
+    let late = interrupts::count(BOUND_VECTOR) - bound0 + interrupts::count(IO_VECTOR) - io0;
+    r.check(late == 0, format_args!("unbound: {late} interrupts after the Read"));
+    let res = hypercall::set_irqs(rid, irq::INDEX_MSIX, 0, 0, irq::DATA_NONE | irq::ACTION_TRIGGER, IrqData::None);
+    if r.require("SET_IRQS disable MSI-X", res.map_err(hypercall::error_name)).is_none() {
+        return;
+    }
+    r.check(
+        !dev.msix.is_enabled(),
+        format_args!("after SET_IRQS disabled MSI-X the guest's control register reads enabled"),
+    );
+    if r.failures() == before {
+        println!(
+            "{NAME}: SET_IRQS: entry 1 bound to {BOUND_VECTOR:#04x} (1 interrupt), unbound (none), MSI-X off (reads off)"
+        );
     }
 }
