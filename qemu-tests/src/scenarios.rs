@@ -682,6 +682,7 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: IOMMU_DEVICES,
         disks: &[],
         markers: &[
+            console_line("vmm: 0000:00:02.0 has no FLR: its internal state is not reset before its assignment"),
             log("vmm: partition 0: 0000:00:02.0 assigned as 00:01.0"),
             console_line("[edu] edu_msi: edu 1234:11e8 at 00:01.0 through ECAM"),
             console_line("[edu] edu_msi: CF8/CFC agrees: 0x11e81234 at 00:01.0"),
@@ -698,6 +699,7 @@ pub const SCENARIOS: &[Scenario] = &[
             console_line(
                 "irq: partition 0 00:01.0 MSI message 0: raised 26 delivered 26 coalesced 0 masked 0 spurious 0 pending 0",
             ),
+            console_line("vmm: 0000:00:02.0 has no FLR: its internal state is not reset after its partition"),
             console_line("irq: after teardown 0 host vectors and 0 contexts in use"),
             console_line("iommu: 0 DMA or interrupt-remapping faults during the run"),
             console_line("partitions: partition 0 on cpu 1: exited with 0x600d"),
@@ -719,6 +721,7 @@ pub const SCENARIOS: &[Scenario] = &[
         qemu_args: NVME_DEVICES,
         disks: NVME_DISKS,
         markers: &[
+            console_line("vmm: 0000:00:03.0 reset (FLR) before its assignment"),
             console_line("[nv] nvme_msix: MSI-X enabled, function unmasked, all 65 entries masked"),
             console_line(
                 "[nv] nvme_msix: Identify Controller by interrupt 0x60: vendor 0x1b36, model \"QEMU NVMe Ctrl\"",
@@ -732,6 +735,7 @@ pub const SCENARIOS: &[Scenario] = &[
             console_line(
                 "irq: partition 0 00:01.0 MSI-X entry 4: raised 2 delivered 2 coalesced 0 masked 0 spurious 0 pending 0",
             ),
+            console_line("vmm: 0000:00:03.0 reset (FLR) after its partition"),
             console_line("irq: after teardown 0 host vectors and 0 contexts in use"),
             console_line("iommu: 0 DMA or interrupt-remapping faults during the run"),
             console_line("partitions: partition 0 on cpu 1: exited with 0x600d"),

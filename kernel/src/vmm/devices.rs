@@ -15,6 +15,7 @@ use super::{MAX_PARTITIONS, build, doorbells};
 use crate::arch::mmio::MmioWindow;
 use crate::arch::percpu;
 use crate::iommu::{self, AssignError, Domain, Owner};
+use crate::println;
 use crate::sync::IrqMutex;
 use conduit_abi::{doorbell as abi_doorbell, error, irq as abi_irq, layout, vdev as abi_vdev};
 use conduit_iommu::{DmaAccess, InterruptHandle, InterruptTarget};
@@ -72,6 +73,8 @@ pub enum DeviceError {
     TooMany,
     /// Doorbell `.0` of the description was refused with error code `.1`.
     Doorbell(usize, i64),
+    /// The function did not come back from its reset.
+    Reset(Bdf),
 }
 
 /// A host vector and interrupt-remapping entry behind one live vector.
@@ -431,6 +434,66 @@ fn quiesce(dev: PciAddress, f: &HostFunction) {
     }
 }
 
+/// How a function was reset around its assignment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reset {
+    /// Function Level Reset done; BARs and command restored.
+    Flr,
+    /// The function offers no reset Conduit drives (no FLR): its internal state survives.
+    Unsupported,
+}
+
+/// Resets a quiesced function by Function Level Reset (PCIe Device Control bit 15) when it
+/// advertises one: waits (bounded) for its Transactions Pending to clear, resets, waits the
+/// 100 ms the specification gives the function, waits (bounded) until it answers
+/// configuration reads again, and restores the BAR registers and command word it had. So no
+/// queue, buffer or register state of one partition's use reaches the next owner.
+fn reset_function(dev: PciAddress, f: &HostFunction) -> Result<Reset, &'static str> {
+    use conduit_pci::caps::pcie_regs;
+    let Some(pcie) = f.pcie.filter(|p| p.flr) else { return Ok(Reset::Unsupported) };
+    let cfg = crate::pci::config();
+    let mut bars = [0u32; 6];
+    for (i, b) in bars.iter_mut().enumerate() {
+        *b = cfg.read32(dev, regs::BAR0 + 4 * i as u16);
+    }
+    let command = cfg.read16(dev, regs::COMMAND);
+    const TRANSACTIONS_PENDING: u16 = 1 << 5;
+    let status = pcie.offset + pcie_regs::DEVICE_STATUS;
+    if !super::wait_for(100_000, || cfg.read16(dev, status) & TRANSACTIONS_PENDING == 0) {
+        defmt::warn!("vmm: {}: transactions still pending after 100 ms; resetting anyway", dev);
+    }
+    let control = pcie.offset + pcie_regs::DEVICE_CONTROL;
+    let c = cfg.read16(dev, control);
+    cfg.write16(dev, control, c | pcie_regs::DEVCTL_FLR);
+    crate::arch::time::delay_us(100_000);
+    if !super::wait_for(1_000_000, || cfg.read16(dev, regs::VENDOR_ID) != 0xffff) {
+        return Err("the function did not answer within 1 s of its reset");
+    }
+    for (i, b) in bars.iter().enumerate() {
+        cfg.write32(dev, regs::BAR0 + 4 * i as u16, *b);
+    }
+    cfg.write16(dev, regs::COMMAND, command);
+    Ok(Reset::Flr)
+}
+
+/// `reset_function`, reported: `when` says around what.
+fn reset_reported(dev: PciAddress, f: &HostFunction, when: &str) -> bool {
+    match reset_function(dev, f) {
+        Ok(Reset::Flr) => {
+            println!("vmm: {} reset (FLR) {}", dev, when);
+            true
+        }
+        Ok(Reset::Unsupported) => {
+            println!("vmm: {} has no FLR: its internal state is not reset {}", dev, when);
+            true
+        }
+        Err(e) => {
+            println!("vmm: {} reset failed {}: {}", dev, when, e);
+            false
+        }
+    }
+}
+
 const MSIX_ENABLE: u16 = 1 << 15;
 const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
@@ -522,6 +585,9 @@ fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestM
     let f = host_function(bdf).ok_or(DeviceError::NotPresent(bdf))?;
     let dev = f.addr;
     quiesce(dev, &f);
+    if !reset_reported(dev, &f, "before its assignment") {
+        return Err(DeviceError::Reset(bdf));
+    }
     // DMA: one domain per IOMMU unit, holding the guest's RAM at its guest-physical addresses.
     let unit = iommu::unit_for(dev).map_err(|e| DeviceError::Iommu(bdf, e))?;
     let existing = {
@@ -678,6 +744,10 @@ pub fn detach(index: usize) -> bool {
                 doorbells::clear(index, p.slot);
                 if let Some(f) = host_function(p.bdf) {
                     quiesce(p.host, &f);
+                    if !reset_reported(p.host, &f, "after its partition") {
+                        // A function that does not come back may still be reaching memory.
+                        clean = false;
+                    }
                 }
                 if let Err(e) = iommu::unassign(p.host) {
                     defmt::error!("vmm: unassigning {}: {}", p.host, e);
