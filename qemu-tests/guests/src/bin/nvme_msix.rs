@@ -4,7 +4,9 @@
 //!   (vCPU 0, 0x60) programmed and unmasked; controller enabled; Identify Controller and
 //!   Namespace, each completion waited for by its interrupt at 0x60;
 //! - I/O queue pairs 1–4 created with IV 1–4 and IEN while entries 1–4 (0x61–0x64) stay masked;
-//! - for k in 1..=4: entry k unmasked, then a round in which every live queue completes one
+//! - for k in 1..=4: a command submitted on every live queue (admin Get Features, a Read on each
+//!   I/O queue 1..k-1), entry k unmasked while they are in flight, each completed by its own
+//!   vector; then a round in which every live queue completes one
 //!   command at a time (admin: Get Features; I/O queue q ≤ k: Write then Read of its own LBA,
 //!   data compared), each waited for by its own vector. After every round: each vector's count
 //!   equals its queue's completions, still-masked vectors saw nothing and their PBA bits are
@@ -16,7 +18,7 @@
 #![no_main]
 
 use conduit_guest_rt::abi::irq;
-use conduit_guest_rt::devices::nvme::{self, NvmeFunction, Wait, feature};
+use conduit_guest_rt::devices::nvme::{self, Command, NvmeFunction, Wait, feature};
 use conduit_guest_rt::memory::{self, DmaBuf, PAGE_BYTES};
 use conduit_guest_rt::pci::{BarWindow, Bdf};
 use conduit_guest_rt::report::Report;
@@ -234,9 +236,57 @@ fn rounds(r: &mut Report, dev: &mut NvmeFunction, completions: &mut [u64; QUEUES
         return;
     };
     for k in 1..=IO_QUEUES {
+        // Commands in flight on every live queue (admin and I/O 1..k-1) while entry k is
+        // unmasked: activating one entry must not disturb the others' delivery.
+        let mut in_flight = [(0u16, 0u16, 0u64); QUEUES];
+        let mut n = 0;
+        let get = Command {
+            opcode: nvme::opcode::GET_FEATURES,
+            cdw: [u32::from(feature::NUMBER_OF_QUEUES), 0, 0, 0, 0, 0],
+            ..Command::default()
+        };
+        let before0 = interrupts::count(vector(0));
+        match dev.controller.submit(0, &get) {
+            Ok(cid) => {
+                in_flight[n] = (0, cid, before0);
+                n += 1;
+            }
+            Err(e) => {
+                r.fail(format_args!("submitting Get Features before unmasking entry {k}: {e}"));
+                return;
+            }
+        }
+        for q in 1..k {
+            let read = dev.controller.io_command(nvme::opcode::READ, NSID, lba(k - 1, q), 1, &rbuf, 0);
+            let Some(read) = r.require("building a Read", read) else { return };
+            let before = interrupts::count(vector(q));
+            match dev.controller.submit(q, &read) {
+                Ok(cid) => {
+                    in_flight[n] = (q, cid, before);
+                    n += 1;
+                }
+                Err(e) => {
+                    r.fail(format_args!("submitting a Read on queue {q} before unmasking entry {k}: {e}"));
+                    return;
+                }
+            }
+        }
         dev.msix.unmask(k);
         if !r.check(!dev.msix.is_masked(k), format_args!("entry {k} still masked after unmasking")) {
             return;
+        }
+        for &(q, cid, before) in &in_flight[..n] {
+            let arrived = interrupts::wait_for_count(vector(q), before + 1, nvme::COMMAND_TIMEOUT_US);
+            let done = dev.controller.wait_poll(q, cid, nvme::COMMAND_TIMEOUT_US);
+            if !r.check(
+                arrived && done.is_ok(),
+                format_args!(
+                    "command in flight on queue {q} across unmasking entry {k}: interrupt {arrived}, {done:?}"
+                ),
+            ) {
+                return;
+            }
+            completions[usize::from(q)] += 1;
         }
         let features = dev.controller.get_features(feature::NUMBER_OF_QUEUES, Wait::Interrupt(vector(0)));
         if r.require("round admin command (Get Features)", features).is_none() {
