@@ -883,7 +883,7 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         guests: true,
         cpu: DEFAULT_CPU,
-        about: "a guest NVMe driver writes blocks and reads them back through the passed-through controller; its submission doorbells (one registered by hypercall, one by the partition description) sit on a trapped page served by the fast path, its completions arrive as forwarded MSI-X interrupts; data read back equals data written",
+        about: "a guest NVMe driver writes blocks and reads them back through the passed-through controller; its submission doorbells (one registered by hypercall, one by the partition description) sit on a trapped page served by the fast path, its completions arrive as forwarded MSI-X interrupts; data read back equals data written; then the guest's own FLR resets the controller and the doorbell still rings after it is brought up again",
         smp: 2,
         memory_mib: 256,
         qemu_args: NVME_DEVICES,
@@ -898,6 +898,10 @@ pub const SCENARIOS: &[Scenario] = &[
             ),
             console_line(
                 "[nv] doorbell_nvme: fast path served SQ 0 4 and SQ 1 16 submissions; interrupts 4 at 0x60, 16 at 0x61",
+            ),
+            console_line("vmm: 0000:00:03.0 reset (FLR) at its guest's request"),
+            console_line(
+                "[nv] doorbell_nvme: guest FLR: reset (RDY 0, MSI-X off); up again, Identify by interrupt via the SQ 0 doorbell",
             ),
             console_line("[nv] doorbell_nvme: all checks passed"),
             console_line("irq: after teardown 0 host vectors and 0 contexts in use"),

@@ -434,6 +434,23 @@ fn quiesce(dev: PciAddress, f: &HostFunction) {
     }
 }
 
+/// The virtual configuration space of a function being given to a guest (or given back to it
+/// after a reset), and the hardware command word that goes with it: memory decode and I/O decode
+/// are the guest's only virtually — in hardware memory decode stays on while the function is
+/// assigned (the hypervisor owns the MSI-X table and PBA behind it and must reach them whatever
+/// the guest's command register says; the guest's bit decides only whether its BARs are
+/// mapped), I/O decode stays off (I/O BARs are not passed through). Bus mastering is the
+/// guest's, and off until it sets it.
+fn assigned_config(f: &HostFunction) -> Result<VirtualConfig, conduit_pci::vconfig::VConfigError> {
+    let cfg = crate::pci::config();
+    let policy = DevicePolicy { command_passthrough: Command::BUS_MASTER, ..DevicePolicy::default() };
+    let vconfig = VirtualConfig::new(cfg, f, policy)?;
+    let command = cfg.read16(f.addr, regs::COMMAND);
+    let command = (command | Command::MEMORY.bits()) & !(Command::IO | Command::BUS_MASTER).bits();
+    cfg.write16(f.addr, regs::COMMAND, command);
+    Ok(vconfig)
+}
+
 /// How a function was reset around its assignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reset {
@@ -635,17 +652,7 @@ fn add_function(
     domain: iommu::Domain,
 ) -> Result<(), DeviceError> {
     let dev = f.addr;
-    let cfg = crate::pci::config();
-    // Memory decode and I/O decode are the guest's only virtually: hardware memory decode
-    // stays on while the function is assigned (the hypervisor owns the MSI-X table and PBA
-    // behind it and must reach them whatever the guest's command register says; the guest's
-    // bit decides only whether its BARs are mapped), I/O decode stays off (I/O BARs are not
-    // passed through). Bus mastering is the guest's.
-    let policy = DevicePolicy { command_passthrough: Command::BUS_MASTER, ..DevicePolicy::default() };
-    let vconfig = VirtualConfig::new(cfg, f, policy).map_err(|_| DeviceError::Config(bdf))?;
-    let command = cfg.read16(dev, regs::COMMAND);
-    let command = (command | Command::MEMORY.bits()) & !(Command::IO | Command::BUS_MASTER).bits();
-    cfg.write16(dev, regs::COMMAND, command);
+    let vconfig = assigned_config(f).map_err(|_| DeviceError::Config(bdf))?;
     let mut bars: heapless::Vec<HostBar, 6> = heapless::Vec::new();
     for b in f.bars.iter() {
         let memory = !matches!(b.kind, BarKind::Io);
@@ -941,8 +948,32 @@ impl Physical {
                     }
                 }
                 ConfigEvent::MsixControl { enabled, function_masked } => self.msix_control(enabled, function_masked),
-                ConfigEvent::Rom { .. } | ConfigEvent::PowerState(_) | ConfigEvent::FunctionLevelReset => {}
+                ConfigEvent::FunctionLevelReset => self.guest_reset(partition),
+                ConfigEvent::Rom { .. } | ConfigEvent::PowerState(_) => {}
             }
+        }
+    }
+
+    /// The guest asked for a Function Level Reset: its interrupts are freed, its BARs unmapped,
+    /// the function quiesced and reset in hardware (FLR if it has one), and the guest gets the
+    /// function back as at assignment — a fresh virtual configuration space (BARs unplaced,
+    /// MSI/MSI-X off, bus master off). Registered doorbells stay (VFIO keeps ioeventfds across a
+    /// reset); they ring again once the guest places the BAR.
+    fn guest_reset(&mut self, partition: usize) {
+        if let Some(m) = self.msix.as_mut() {
+            m.reset();
+        }
+        if let Some(m) = self.msi.as_mut() {
+            m.reset();
+        }
+        self.unmap_bars(partition);
+        self.decoding = false;
+        let Some(f) = host_function(self.bdf) else { return };
+        quiesce(self.host, &f);
+        reset_reported(self.host, &f, "at its guest's request");
+        match assigned_config(&f) {
+            Ok(v) => self.vconfig = v,
+            Err(e) => defmt::error!("vmm: {}: rebuilding its configuration space after a reset: {}", self.host, e),
         }
     }
 

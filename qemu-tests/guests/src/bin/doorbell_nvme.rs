@@ -154,5 +154,66 @@ fn run(r: &mut Report, info: &BootInfo) -> Option<()> {
             "{NAME}: fast path served SQ 0 {admin_commands} and SQ 1 {io_commands} submissions; interrupts {a} at {ADMIN_VECTOR:#04x}, {i} at {IO_VECTOR:#04x}"
         );
     }
+    if r.passed() {
+        guest_flr(r, info, &sq0)?;
+    }
+    Some(())
+}
+
+/// The guest resets the function (Function Level Reset through its PCI Express Device Control):
+/// afterwards the controller is disabled (CSTS.RDY 0), MSI-X and bus master read off; brought up
+/// again from scratch it completes an admin command by interrupt, its submission rung through the
+/// doorbell registered before the reset (doorbells outlive a reset, as VFIO's ioeventfds do).
+fn guest_flr(r: &mut Report, info: &BootInfo, sq0: &Request) -> Option<()> {
+    const PCI_EXPRESS: u8 = 0x10;
+    const DEVICE_CONTROL: u16 = 0x08;
+    const FLR: u16 = 1 << 15;
+    let window = BarWindow::from_boot_info(info);
+    let mut window = r.require("BAR window", window)?;
+    let f = r.require("opening the NVMe function", nvme::open(info, &mut window))?.function;
+    let cap = r.require("PCI Express capability", f.find_capability(PCI_EXPRESS))?;
+    let cap = r.require("PCI Express capability", cap.ok_or("absent"))?;
+    let hits_before = hypercall::doorbell_hits(NVME_BDF.rid(), sq0).unwrap_or(0);
+    let devctl = u16::from(cap) + DEVICE_CONTROL;
+    f.write16(devctl, f.read16(devctl) | FLR);
+    let command = f.command();
+    let msix_off = {
+        let mut dev = r.require(
+            "opening the NVMe function after the reset",
+            nvme::open(info, &mut BarWindow::from_boot_info(info).ok()?),
+        )?;
+        // `open` placed BAR 0 again and set MEM|BM; the controller must be in its reset state.
+        let ready = dev.controller.csts() & 1;
+        let off = !dev.msix.is_enabled();
+        let ok = r.check(ready == 0, format_args!("after the FLR CSTS.RDY reads {ready}, expected 0"))
+            & r.check(
+                command & 0x4 == 0,
+                format_args!("after the FLR the command register reads {command:#06x} (bus master on)"),
+            )
+            & r.check(off, format_args!("after the FLR MSI-X reads enabled"));
+        if !ok {
+            return None;
+        }
+        let msix = dev.msix;
+        msix.set_function_mask(false);
+        msix.enable();
+        msix.program(0, 0, ADMIN_VECTOR);
+        msix.unmask(0);
+        let c = &mut dev.controller;
+        r.require("enabling the controller after the FLR", c.init(QUEUE_ENTRIES))?;
+        let buf = r.require("identify buffer", memory::alloc_pages(1).ok_or("no free memory"))?;
+        let before = interrupts::count(ADMIN_VECTOR);
+        let id =
+            r.require("Identify Controller after the FLR", c.identify_controller(&buf, Wait::Interrupt(ADMIN_VECTOR)))?;
+        let got = interrupts::count(ADMIN_VECTOR) - before;
+        let hits = hypercall::doorbell_hits(NVME_BDF.rid(), sq0).unwrap_or(0) - hits_before;
+        r.check(
+            id.vid == nvme::VENDOR && got == 1,
+            format_args!("after the FLR: VID {:#06x}, {got} interrupts", id.vid),
+        ) & r.check(hits == 1, format_args!("after the FLR the SQ 0 doorbell took {hits} writes, expected 1"))
+    };
+    if msix_off {
+        println!("{NAME}: guest FLR: reset (RDY 0, MSI-X off); up again, Identify by interrupt via the SQ 0 doorbell");
+    }
     Some(())
 }
