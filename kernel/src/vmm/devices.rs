@@ -102,7 +102,13 @@ pub enum RouteError {
 
 /// Old host vectors of retargeted entries: still mapped to their context until the old CPU has
 /// taken whatever was on its way, then freed (after the bus lock is released).
-type Retired = heapless::Vec<(u8, u8, ContextId), MAX_RETIRED>;
+/// A retired host vector: (CPU, vector, the context it maps, drained once already). It is freed
+/// after its CPU drained in two control operations: a grace period for a message the IOMMU
+/// translated with the old entry just before it changed but delivered after the first drain
+/// (seen under QEMU's threaded device emulation), so such a message still reaches its context.
+type RetiredVector = (u8, u8, ContextId, bool);
+
+type Retired = heapless::Vec<RetiredVector, MAX_RETIRED>;
 
 fn apic_of(cpu: u8) -> Option<u32> {
     percpu::cpu(usize::from(cpu)).map(|c| c.apic_id.load(core::sync::atomic::Ordering::Relaxed))
@@ -146,17 +152,22 @@ fn reroute(
     let apic = apic_of(new.slot).ok_or(RouteError::NoHostVector)?;
     let vector = table.allocate(ctx).ok_or(RouteError::NoHostVector)?;
     if let Err(e) = iommu::retarget_interrupt(dev, route.irte, InterruptTarget { apic_id: apic, vector }) {
-        // The entry's state is unknown after a failed invalidation (its low half may already
-        // name the new vector): keep the new vector on the route and retire the old one, so
-        // whichever the device uses still reaches this context.
         defmt::error!("vmm: retargeting an interrupt of {}: {}", dev, e);
-        let _ = retired.push((route.cpu, route.vector, ctx));
-        route.cpu = new.slot;
-        route.vector = vector;
+        if matches!(e, AssignError::Iommu(conduit_iommu::IommuError::Timeout(_))) {
+            // The entry was rewritten but its invalidation did not complete: the device may
+            // use either vector. The new one becomes the route's; the old one stays mapped to
+            // this context until its CPU drained (retired), so both reach the context.
+            let _ = retired.push((route.cpu, route.vector, ctx, false));
+            route.cpu = new.slot;
+            route.vector = vector;
+        } else {
+            // Refused before the entry was written: it still names the old vector.
+            table.free(vector, ctx);
+        }
         return Err(RouteError::Iommu(e));
     }
     // Cannot fail: checked for room above, and nothing else pushed since.
-    let _ = retired.push((route.cpu, route.vector, ctx));
+    let _ = retired.push((route.cpu, route.vector, ctx, false));
     route.cpu = new.slot;
     route.vector = vector;
     Ok(())
@@ -180,7 +191,7 @@ fn unroute(dev: PciAddress, route: HostRoute, ctx: ContextId, retired: &mut Reti
     }
     if let Some(t) = HOST_VECTORS.get(usize::from(route.cpu))
         && t.replace(route.vector, ctx, PARKED)
-        && retired.push((route.cpu, route.vector, PARKED)).is_err()
+        && retired.push((route.cpu, route.vector, PARKED, false)).is_err()
     {
         // No room to drain it: parked, so freeing it now can at worst turn a late message into
         // a stray on whoever gets the vector next on that CPU.
@@ -356,6 +367,8 @@ struct Physical {
     slot: usize,
     /// Pages that trap because doorbells sit on them.
     doorbell_pages: heapless::Vec<DoorbellPage, MAX_DOORBELL_PAGES>,
+    /// The guest asked for a Function Level Reset that `finish_resets` has yet to do.
+    reset_requested: bool,
 }
 
 /// A page of a BAR holding doorbells (trapped, so their writes reach the fast path).
@@ -396,6 +409,9 @@ pub struct Bus {
     /// Software contexts doorbell events raise, one per (vCPU, vector); freed at teardown
     /// only, so a fast path holding an id never signals a reused context.
     events: heapless::Vec<(Target, ContextId), MAX_DOORBELL_EVENTS>,
+    /// A device or domain of the partition that last had this bus could not be given back
+    /// (sticky until the bus is set up again: every later detach reports it).
+    dirty: bool,
 }
 
 impl Bus {
@@ -409,6 +425,7 @@ impl Bus {
             domains: heapless::Vec::new(),
             unclaimed: 0,
             events: heapless::Vec::new(),
+            dirty: false,
         }
     }
 }
@@ -474,6 +491,15 @@ fn reset_function(dev: PciAddress, f: &HostFunction) -> Result<Reset, &'static s
         *b = cfg.read32(dev, regs::BAR0 + 4 * i as u16);
     }
     let command = cfg.read16(dev, regs::COMMAND);
+    // What else the reset clears that the platform set: cache line size, the ROM BAR, and the
+    // PCI Express device controls (Max Payload Size must keep matching the rest of the
+    // hierarchy, or completions the device then refuses turn into fatal errors).
+    const CACHE_LINE_SIZE: u16 = 0x0c;
+    const ROM_BAR: u16 = 0x30;
+    let cache_line = cfg.read8(dev, CACHE_LINE_SIZE);
+    let rom = cfg.read32(dev, ROM_BAR);
+    let devctl = cfg.read16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL) & !pcie_regs::DEVCTL_FLR;
+    let devctl2 = (pcie.version >= 2).then(|| cfg.read16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL_2));
     const TRANSACTIONS_PENDING: u16 = 1 << 5;
     let status = pcie.offset + pcie_regs::DEVICE_STATUS;
     if !super::wait_for(100_000, || cfg.read16(dev, status) & TRANSACTIONS_PENDING == 0) {
@@ -483,11 +509,18 @@ fn reset_function(dev: PciAddress, f: &HostFunction) -> Result<Reset, &'static s
     let c = cfg.read16(dev, control);
     cfg.write16(dev, control, c | pcie_regs::DEVCTL_FLR);
     crate::arch::time::delay_us(100_000);
-    if !super::wait_for(1_000_000, || cfg.read16(dev, regs::VENDOR_ID) != 0xffff) {
+    // All ones: nothing answers; 0x0001: Configuration Request Retry Status (not ready yet).
+    if !super::wait_for(1_000_000, || !matches!(cfg.read16(dev, regs::VENDOR_ID), 0xffff | 0x0001)) {
         return Err("the function did not answer within 1 s of its reset");
     }
     for (i, b) in bars.iter().enumerate() {
         cfg.write32(dev, regs::BAR0 + 4 * i as u16, *b);
+    }
+    cfg.write(dev, CACHE_LINE_SIZE, Width::Byte, u32::from(cache_line));
+    cfg.write32(dev, ROM_BAR, rom);
+    cfg.write16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL, devctl);
+    if let Some(d) = devctl2 {
+        cfg.write16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL_2, d);
     }
     cfg.write16(dev, regs::COMMAND, command);
     Ok(Reset::Flr)
@@ -553,6 +586,7 @@ pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, D
         bus.mech1 = Mechanism1::new();
         bus.unclaimed = 0;
         bus.events.clear();
+        bus.dirty = false;
         bus.active = true;
     }
     let result = (|| {
@@ -601,8 +635,12 @@ pub fn attach(index: usize, spec: &Spec, memory: &GuestMemory) -> Result<bool, D
 fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestMemory) -> Result<(), DeviceError> {
     let f = host_function(bdf).ok_or(DeviceError::NotPresent(bdf))?;
     let dev = f.addr;
+    if UNUSABLE.lock().contains(&bdf) {
+        return Err(DeviceError::Reset(bdf));
+    }
     quiesce(dev, &f);
     if !reset_reported(dev, &f, "before its assignment") {
+        unusable(bdf);
         return Err(DeviceError::Reset(bdf));
     }
     // DMA: one domain per IOMMU unit, holding the guest's RAM at its guest-physical addresses.
@@ -638,6 +676,8 @@ fn attach_physical(cell: &IrqMutex<Bus>, index: usize, bdf: Bdf, memory: &GuestM
         && let Err(e) = iommu::unassign(dev)
     {
         defmt::error!("vmm: unassigning {} after a failed attach: {}", dev, e);
+        // Still in the partition's domain, which maps its RAM: teardown must keep that RAM.
+        cell.lock().dirty = true;
     }
     result
 }
@@ -715,6 +755,7 @@ fn add_function(
             req: None,
             slot,
             doorbell_pages: heapless::Vec::new(),
+            reset_requested: false,
         }))
         .map_err(|_| DeviceError::TooMany)
 }
@@ -728,10 +769,14 @@ pub fn detach(index: usize) -> bool {
     let mut clean = true;
     let Some(cell) = BUSES.get(index) else { return clean };
     // Every function's retired vectors, each list at most MAX_RETIRED long.
-    let mut drain: heapless::Vec<(u8, u8, ContextId), { MAX_RETIRED * MAX_FUNCTIONS }> = heapless::Vec::new();
+    let mut drain: heapless::Vec<RetiredVector, { MAX_RETIRED * MAX_FUNCTIONS }> = heapless::Vec::new();
+    // Functions to reset once the bus lock is released (the reset waits 100 ms or more).
+    let mut to_reset: heapless::Vec<(PciAddress, Bdf), MAX_FUNCTIONS> = heapless::Vec::new();
     {
         let mut guard = cell.lock();
-        let Some(bus) = active(&mut guard) else { return clean };
+        // An earlier detach of this bus (a failed attach's) that could not give everything
+        // back is still reported: the partition's RAM must not be freed on its word.
+        let Some(bus) = active(&mut guard) else { return !guard.dirty };
         for f in bus.functions.iter_mut() {
             if let Func::Physical(p) = f {
                 if let Some(m) = p.msix.as_mut() {
@@ -751,10 +796,7 @@ pub fn detach(index: usize) -> bool {
                 doorbells::clear(index, p.slot);
                 if let Some(f) = host_function(p.bdf) {
                     quiesce(p.host, &f);
-                    if !reset_reported(p.host, &f, "after its partition") {
-                        // A function that does not come back may still be reaching memory.
-                        clean = false;
-                    }
+                    let _ = to_reset.push((p.host, p.bdf));
                 }
                 if let Err(e) = iommu::unassign(p.host) {
                     defmt::error!("vmm: unassigning {}: {}", p.host, e);
@@ -778,18 +820,39 @@ pub fn detach(index: usize) -> bool {
         bus.functions.clear();
         bus.domains.clear();
         bus.active = false;
+        bus.dirty |= !clean;
+        clean = !bus.dirty;
     }
     free_retired(&mut drain);
+    // Unassigned already (their DMA is blocked): a function that does not come back from its
+    // reset is kept from every later assignment instead.
+    for (dev, bdf) in to_reset {
+        if let Some(f) = host_function(bdf)
+            && !reset_reported(dev, &f, "after its partition")
+        {
+            unusable(bdf);
+        }
+    }
     clean
+}
+
+/// Functions that did not come back from a reset: never assigned again.
+static UNUSABLE: IrqMutex<heapless::Vec<Bdf, 8>> = IrqMutex::new(heapless::Vec::new());
+
+fn unusable(bdf: Bdf) {
+    let mut u = UNUSABLE.lock();
+    if !u.contains(&bdf) && u.push(bdf).is_err() {
+        defmt::error!("vmm: list of unusable functions full; {} stays assignable", bdf);
+    }
 }
 
 /// Frees retired host vectors once their CPU drained: each CPU is asked once. A vector whose
 /// CPU did not answer stays allocated, parked (leaked, logged) — never freed while something
 /// may still be on its way to it.
-fn free_retired<const N: usize>(list: &mut heapless::Vec<(u8, u8, ContextId), N>) {
+fn free_retired<const N: usize>(list: &mut heapless::Vec<RetiredVector, N>) {
     let mut drained = 0u64; // bit per CPU asked and answered
     let mut failed = 0u64; // bit per CPU asked that did not answer
-    for &(cpu, vector, ctx) in list.iter() {
+    for &(cpu, vector, ctx, _) in list.iter() {
         let bit = 1u64 << (cpu % 64);
         if drained & bit == 0 && failed & bit == 0 {
             if drain_vectors_of(usize::from(cpu)) {
@@ -959,6 +1022,10 @@ impl Physical {
     /// function back as at assignment — a fresh virtual configuration space (BARs unplaced,
     /// MSI/MSI-X off, bus master off). Registered doorbells stay (VFIO keeps ioeventfds across a
     /// reset); they ring again once the guest places the BAR.
+    ///
+    /// Here, under the bus lock, the function is taken from the guest; the reset itself (100 ms
+    /// or more) runs after the lock is released (`finish_resets`), before the vCPU that asked
+    /// returns to the guest.
     fn guest_reset(&mut self, partition: usize) {
         if let Some(m) = self.msix.as_mut() {
             m.reset();
@@ -968,12 +1035,12 @@ impl Physical {
         }
         self.unmap_bars(partition);
         self.decoding = false;
-        let Some(f) = host_function(self.bdf) else { return };
-        quiesce(self.host, &f);
-        reset_reported(self.host, &f, "at its guest's request");
-        match assigned_config(&f) {
-            Ok(v) => self.vconfig = v,
-            Err(e) => defmt::error!("vmm: {}: rebuilding its configuration space after a reset: {}", self.host, e),
+        if let Some(f) = host_function(self.bdf) {
+            quiesce(self.host, &f);
+        }
+        self.reset_requested = true;
+        if let Some(flag) = RESETS_PENDING.get(partition) {
+            flag.store(true, core::sync::atomic::Ordering::Release);
         }
     }
 
@@ -1185,19 +1252,62 @@ pub fn mmio(index: usize, region: u16, offset: u64, size: u8, write: Option<u64>
             REGION_WINDOW => bus.window(offset, size, write),
             _ => None,
         };
-        take_retired(bus, &mut retired);
+        note_retired(bus, &mut retired);
         r
     };
     // Old host vectors are freed once their CPU drained, with the bus lock released (and so
     // interrupts enabled here: anything on its way to this CPU has been taken).
-    free_retired(&mut retired);
+    release_retired(index, &mut retired);
+    finish_resets(index);
     result
 }
 
+/// A partition's guest asked for a Function Level Reset that `finish_resets` has yet to do.
+static RESETS_PENDING: [core::sync::atomic::AtomicBool; MAX_PARTITIONS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_PARTITIONS];
+
+/// Does the Function Level Resets partition `index`'s guest asked for (`Physical::guest_reset`),
+/// with the bus lock released during each reset, then gives each function a fresh virtual
+/// configuration space.
+fn finish_resets(index: usize) {
+    // The common case, on every trapped access: nothing asked for.
+    let Some(flag) = RESETS_PENDING.get(index) else { return };
+    if !flag.swap(false, core::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    let Some(cell) = BUSES.get(index) else { return };
+    let mut pending: heapless::Vec<(usize, PciAddress, Bdf), MAX_FUNCTIONS> = heapless::Vec::new();
+    {
+        let mut guard = cell.lock();
+        let Some(bus) = active(&mut guard) else { return };
+        for (i, f) in bus.functions.iter_mut().enumerate() {
+            if let Func::Physical(p) = f
+                && core::mem::take(&mut p.reset_requested)
+            {
+                let _ = pending.push((i, p.host, p.bdf));
+            }
+        }
+    }
+    for (i, dev, bdf) in pending {
+        let Some(f) = host_function(bdf) else { continue };
+        if !reset_reported(dev, &f, "at its guest's request") {
+            unusable(bdf);
+        }
+        let mut guard = cell.lock();
+        let Some(bus) = active(&mut guard) else { return };
+        if let Some(Func::Physical(p)) = bus.functions.get_mut(i) {
+            match assigned_config(&f) {
+                Ok(v) => p.vconfig = v,
+                Err(e) => defmt::error!("vmm: {}: rebuilding its configuration space after a reset: {}", dev, e),
+            }
+        }
+    }
+}
+
 /// Moves the bus's retired host vectors into `into` (as many as fit; the rest wait in their
-/// backend for the next control operation or teardown).
-fn take_retired<const N: usize>(bus: &mut Bus, into: &mut heapless::Vec<(u8, u8, ContextId), N>) {
-    fn take<const N: usize>(from: &mut Retired, into: &mut heapless::Vec<(u8, u8, ContextId), N>) {
+/// backend for the next control operation or teardown). For teardown, whose backends go away.
+fn take_retired<const N: usize>(bus: &mut Bus, into: &mut heapless::Vec<RetiredVector, N>) {
+    fn take<const N: usize>(from: &mut Retired, into: &mut heapless::Vec<RetiredVector, N>) {
         while !into.is_full() {
             let Some(item) = from.pop() else { break };
             let _ = into.push(item);
@@ -1213,6 +1323,85 @@ fn take_retired<const N: usize>(bus: &mut Bus, into: &mut heapless::Vec<(u8, u8,
             }
         }
     }
+}
+
+/// Copies the bus's retired host vectors into `into` (as many as fit): they stay on their
+/// backends' lists while their CPUs drain, so a context freed meanwhile by another operation
+/// still parks them (`unroute`), and `release_retired` frees them under the lock afterwards.
+fn note_retired<const N: usize>(bus: &Bus, into: &mut heapless::Vec<RetiredVector, N>) {
+    for f in bus.functions.iter() {
+        if let Func::Physical(p) = f {
+            let lists = [p.msix.as_ref().map(|m| &m.backend().retired), p.msi.as_ref().map(|m| &m.backend().retired)];
+            for item in lists.into_iter().flatten().flat_map(|l| l.iter()) {
+                if into.push(*item).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Drains the CPUs of the vectors `note_retired` copied (bus lock released, each CPU asked
+/// once), then, under the lock, frees each one still on its backend's list with the mapping
+/// it has now (its context, or `PARKED` if the context was freed meanwhile). A vector whose CPU
+/// did not answer is parked and left allocated (leaked, logged).
+fn release_retired<const N: usize>(index: usize, list: &mut heapless::Vec<RetiredVector, N>) {
+    if list.is_empty() {
+        return;
+    }
+    let mut drained = 0u64; // bit per CPU asked and answered
+    let mut asked = 0u64;
+    for &(cpu, _, _, _) in list.iter() {
+        let bit = 1u64 << (cpu % 64);
+        if asked & bit == 0 {
+            asked |= bit;
+            if drain_vectors_of(usize::from(cpu)) {
+                drained |= bit;
+            }
+        }
+    }
+    let Some(cell) = BUSES.get(index) else { return };
+    let mut guard = cell.lock();
+    // Torn down meanwhile: teardown took (and freed) whatever was left.
+    let Some(bus) = active(&mut guard) else {
+        list.clear();
+        return;
+    };
+    let release = |retired: &mut Retired| {
+        retired.retain_mut(|item| {
+            let (cpu, vector, ctx, drained_before) = *item;
+            if !list.iter().any(|&(c, v, _, _)| c == cpu && v == vector) {
+                return true;
+            }
+            let Some(t) = HOST_VECTORS.get(usize::from(cpu)) else { return false };
+            if drained & (1u64 << (cpu % 64)) != 0 {
+                if !drained_before {
+                    // The grace period: freed after the next drain.
+                    item.3 = true;
+                    return true;
+                }
+                let _ = t.free(vector, ctx) || t.free(vector, PARKED);
+            } else {
+                if ctx != PARKED {
+                    let _ = t.replace(vector, ctx, PARKED);
+                }
+                LEAKED_VECTORS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays allocated", cpu, vector);
+            }
+            false
+        });
+    };
+    for f in bus.functions.iter_mut() {
+        if let Func::Physical(p) = f {
+            if let Some(m) = p.msix.as_mut() {
+                release(&mut m.backend_mut().retired);
+            }
+            if let Some(m) = p.msi.as_mut() {
+                release(&mut m.backend_mut().retired);
+            }
+        }
+    }
+    list.clear();
 }
 
 /// A port access of partition `index`: configuration mechanism #1. `None` for other ports.
@@ -1242,10 +1431,11 @@ pub fn port(index: usize, port: u16, size: u8, write: Option<u32>) -> Option<u32
                 },
             }),
         };
-        take_retired(bus, &mut retired);
+        note_retired(bus, &mut retired);
         r
     };
-    free_retired(&mut retired);
+    release_retired(index, &mut retired);
+    finish_resets(index);
     result
 }
 
@@ -1279,7 +1469,8 @@ fn msix_bind<B: Backend>(
         // With MSI-X on, a bound entry is live at once: no context or no host vector left
         // means it could never fire. Undo the binding and say so (ENOSPC).
         let index = u16::try_from(v).map_err(|_| IrqError::BadRange)?;
-        if front.control().enabled && front.entry_context(index).is_none() {
+        let control = front.control();
+        if control.enabled && !control.function_masked && front.entry_context(index).is_none() {
             front.write_table(o + 12, 4, 1, &VmmSink::here());
             front.write_table(o, 4, 0, &VmmSink::here());
             front.write_table(o + 4, 4, 0, &VmmSink::here());
@@ -1341,7 +1532,11 @@ impl IrqControl for ApiCtx<'_> {
                     Width::Word,
                     u32::from((c | MSIX_ENABLE) & !MSIX_FUNCTION_MASK),
                 );
-                Ok(())
+                // A capability the virtual configuration space does not expose takes no write.
+                match p.msix.as_ref() {
+                    Some(m) if m.control().enabled => Ok(()),
+                    _ => Err(IrqError::BadIndex),
+                }
             }
             (Func::Physical(p), IrqIndex::Msi) => {
                 let cap = p.msi.as_ref().map(|m| m.backend().cap).ok_or(IrqError::BadIndex)?;
@@ -1351,7 +1546,11 @@ impl IrqControl for ApiCtx<'_> {
                 let c = p.config_read(cap.control(), Width::Word) as u16 & !conduit_pci::caps::msi_control::MME_MASK;
                 let c = c | conduit_pci::caps::msi_control::ENABLE;
                 p.config_write(partition, cap.control(), Width::Word, u32::from(c));
-                Ok(())
+                // A capability the virtual configuration space does not expose takes no write.
+                match p.msi.as_ref() {
+                    Some(m) if m.enabled_count() > 0 => Ok(()),
+                    _ => Err(IrqError::BadIndex),
+                }
             }
             (Func::Notify(n), IrqIndex::Msix) => {
                 n.msix.set_control(MsixControl { enabled: true, function_masked: false }, &VmmSink::here());
@@ -1514,10 +1713,10 @@ fn with_function<R>(index: usize, rid: u64, f: impl FnOnce(&mut Func, VcpuSlots,
         }
         let func = bus.function(device, function).ok_or(error::ENODEV)?;
         let r = f(func, slots, index);
-        take_retired(bus, &mut retired);
+        note_retired(bus, &mut retired);
         r
     };
-    free_retired(&mut retired);
+    release_retired(index, &mut retired);
     Ok(r)
 }
 

@@ -306,6 +306,23 @@ impl DoorbellBench {
     }
 }
 
+/// After a hypercall exit (and once when the loop ends): the benchmark windows follow the
+/// guest's signal word, which only `SIGNAL` changes.
+fn follow_signal(
+    slot: &VcpuSlot,
+    seen: &mut u64,
+    bench: &mut ForwardBench,
+    doorbell_bench: &mut DoorbellBench,
+    exits: u64,
+) {
+    let now = slot.signal.load(Ordering::Acquire);
+    if now != *seen {
+        bench.signal(now, exits);
+        doorbell_bench.open = now == 1;
+        *seen = now;
+    }
+}
+
 /// This CPU's local APIC timer as the vCPU loop left it: it backs the virtual timer's deadline.
 /// Reprogrammed only when the deadline changes, or after the timer fired (it may fire a little
 /// before the TSC deadline: the rates are converted), so the entry path does not touch the
@@ -424,12 +441,7 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
             } else if code == conduit_vm::vmcb::exit::NPF && doorbell_bench.open && vcpu.stats.mmio != seen_mmio {
                 doorbell_bench.record(vcpu.stats.doorbells != seen_doorbells, entry_tsc.wrapping_sub(exit_tsc));
             } else if code == conduit_vm::vmcb::exit::VMMCALL {
-                let signal_now = slot.signal.load(Ordering::Acquire);
-                if signal_now != signal_seen {
-                    bench.signal(signal_now, vcpu.stats.exits);
-                    doorbell_bench.open = signal_now == 1;
-                    signal_seen = signal_now;
-                }
+                follow_signal(slot, &mut signal_seen, &mut bench, &mut doorbell_bench, vcpu.stats.exits);
             }
         }
         routed_before = super::irq::routed(cpu);
@@ -464,6 +476,8 @@ fn run_vcpu(cpu: usize, slot: &'static VcpuSlot, launch: &Launch) -> (Stop, cond
             Action::Stop(s) => break s,
         }
     };
+    // A stop right after the last SIGNAL ended the loop before its next entry looked.
+    follow_signal(slot, &mut signal_seen, &mut bench, &mut doorbell_bench, vcpu.stats.exits);
     vcpu.flush_console(&mut env);
     doorbell_bench.print(launch.partition, launch.vcpu);
     if let Some(mean) = bench.sum.checked_div(bench.samples) {
