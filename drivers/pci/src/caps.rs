@@ -338,6 +338,8 @@ pub mod pcie_regs {
     pub const V2_LEN: u16 = 0x3c;
     /// Length of a version 1 capability (largest, root port).
     pub const V1_LEN: u16 = 0x24;
+    /// Device Status: Transactions Pending (non-posted requests not yet completed).
+    pub const DEVSTA_TRANSACTIONS_PENDING: u16 = 1 << 5;
     /// Device Control: initiate Function Level Reset.
     pub const DEVCTL_FLR: u16 = 1 << 15;
     /// Device Control: phantom functions enable.

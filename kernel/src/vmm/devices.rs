@@ -24,6 +24,7 @@ use conduit_irq::frontend::{Backend, MsiControl, MsiFrontEnd, MsixControl, MsixF
 use conduit_irq::{ContextId, MaskState, Target};
 use conduit_mem::PAGE_SIZE;
 use conduit_pci::bar::BarKind;
+use conduit_pci::caps::msix_control::{ENABLE as MSIX_ENABLE, FUNCTION_MASK as MSIX_FUNCTION_MASK};
 use conduit_pci::caps::{MsiCap, MsixCap};
 use conduit_pci::enumerate::Function as HostFunction;
 use conduit_pci::regs::{self, Command};
@@ -494,15 +495,12 @@ fn reset_function(dev: PciAddress, f: &HostFunction) -> Result<Reset, &'static s
     // What else the reset clears that the platform set: cache line size, the ROM BAR, and the
     // PCI Express device controls (Max Payload Size must keep matching the rest of the
     // hierarchy, or completions the device then refuses turn into fatal errors).
-    const CACHE_LINE_SIZE: u16 = 0x0c;
-    const ROM_BAR: u16 = 0x30;
-    let cache_line = cfg.read8(dev, CACHE_LINE_SIZE);
-    let rom = cfg.read32(dev, ROM_BAR);
+    let cache_line = cfg.read8(dev, regs::CACHE_LINE_SIZE);
+    let rom = cfg.read32(dev, regs::ROM_ADDRESS);
     let devctl = cfg.read16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL) & !pcie_regs::DEVCTL_FLR;
     let devctl2 = (pcie.version >= 2).then(|| cfg.read16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL_2));
-    const TRANSACTIONS_PENDING: u16 = 1 << 5;
     let status = pcie.offset + pcie_regs::DEVICE_STATUS;
-    if !super::wait_for(100_000, || cfg.read16(dev, status) & TRANSACTIONS_PENDING == 0) {
+    if !super::wait_for(100_000, || cfg.read16(dev, status) & pcie_regs::DEVSTA_TRANSACTIONS_PENDING == 0) {
         defmt::warn!("vmm: {}: transactions still pending after 100 ms; resetting anyway", dev);
     }
     let control = pcie.offset + pcie_regs::DEVICE_CONTROL;
@@ -516,8 +514,8 @@ fn reset_function(dev: PciAddress, f: &HostFunction) -> Result<Reset, &'static s
     for (i, b) in bars.iter().enumerate() {
         cfg.write32(dev, regs::BAR0 + 4 * i as u16, *b);
     }
-    cfg.write(dev, CACHE_LINE_SIZE, Width::Byte, u32::from(cache_line));
-    cfg.write32(dev, ROM_BAR, rom);
+    cfg.write(dev, regs::CACHE_LINE_SIZE, Width::Byte, u32::from(cache_line));
+    cfg.write32(dev, regs::ROM_ADDRESS, rom);
     cfg.write16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL, devctl);
     if let Some(d) = devctl2 {
         cfg.write16(dev, pcie.offset + pcie_regs::DEVICE_CONTROL_2, d);
@@ -543,9 +541,6 @@ fn reset_reported(dev: PciAddress, f: &HostFunction, when: &str) -> bool {
         }
     }
 }
-
-const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
 fn host_function(bdf: Bdf) -> Option<HostFunction> {
     crate::pci::with_inventory(|inv| {
@@ -861,19 +856,25 @@ fn free_retired<const N: usize>(list: &mut heapless::Vec<RetiredVector, N>) {
                 failed |= bit;
             }
         }
-        let Some(t) = HOST_VECTORS.get(usize::from(cpu)) else { continue };
-        if drained & bit != 0 {
-            // A reroute's old vector maps its (live) context; a freed route's maps PARKED.
-            let _ = t.free(vector, ctx) || t.free(vector, PARKED);
-        } else {
-            if ctx != PARKED {
-                let _ = t.replace(vector, ctx, PARKED);
-            }
-            LEAKED_VECTORS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays allocated", cpu, vector);
-        }
+        settle_retired(cpu, vector, ctx, drained & bit != 0);
     }
     list.clear();
+}
+
+/// The end of a retired vector: freed if its CPU drained (it maps its context still, or
+/// `PARKED` if that context was freed), else parked and left allocated (leaked, logged) —
+/// never freed while something may still be on its way to it.
+fn settle_retired(cpu: u8, vector: u8, ctx: ContextId, drained: bool) {
+    let Some(t) = HOST_VECTORS.get(usize::from(cpu)) else { return };
+    if drained {
+        let _ = t.free(vector, ctx) || t.free(vector, PARKED);
+    } else {
+        if ctx != PARKED {
+            let _ = t.replace(vector, ctx, PARKED);
+        }
+        LEAKED_VECTORS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays allocated", cpu, vector);
+    }
 }
 
 /// Host vectors left allocated because their CPU never answered a drain.
@@ -902,25 +903,25 @@ impl Physical {
     /// The byte ranges of BAR `index` that must trap: MSI-X table and PBA (page-rounded) and
     /// the pages holding doorbells.
     fn trapped_pages(&self, index: u8) -> heapless::Vec<(u64, u64), { 2 + MAX_DOORBELL_PAGES }> {
-        let mut v = heapless::Vec::new();
-        if let Some(x) = self.msix_cap {
-            let table_len = u64::from(x.table_size) * 16;
-            let pba_len = u64::from(x.table_size).div_ceil(64) * 8;
-            let page = |off: u32, len: u64| {
-                let start = u64::from(off) & !(PAGE_SIZE - 1);
-                (start, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
-            };
-            if x.table_bir == index {
-                let _ = v.push(page(x.table_offset, table_len));
-            }
-            if x.pba_bir == index {
-                let _ = v.push(page(x.pba_offset, pba_len));
-            }
-        }
+        let mut v: heapless::Vec<(u64, u64), { 2 + MAX_DOORBELL_PAGES }> =
+            self.msix_pages(index).into_iter().flatten().collect();
         for d in self.doorbell_pages.iter().filter(|d| d.bar == index) {
             let _ = v.push((d.start, d.start + PAGE_SIZE));
         }
         v
+    }
+
+    /// The page-rounded byte ranges of BAR `index` holding the MSI-X table and the PBA.
+    fn msix_pages(&self, index: u8) -> [Option<(u64, u64)>; 2] {
+        let Some(x) = self.msix_cap else { return [None, None] };
+        let page = |off: u32, len: u64| {
+            let start = u64::from(off) & !(PAGE_SIZE - 1);
+            (start, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
+        };
+        [
+            (x.table_bir == index).then(|| page(x.table_offset, u64::from(x.table_size) * 16)),
+            (x.pba_bir == index).then(|| page(x.pba_offset, u64::from(x.table_size).div_ceil(64) * 8)),
+        ]
     }
 
     /// Maps every placed memory BAR into the guest: page by page, skipping trapped pages;
@@ -1373,21 +1374,13 @@ fn release_retired<const N: usize>(index: usize, list: &mut heapless::Vec<Retire
             if !list.iter().any(|&(c, v, _, _)| c == cpu && v == vector) {
                 return true;
             }
-            let Some(t) = HOST_VECTORS.get(usize::from(cpu)) else { return false };
-            if drained & (1u64 << (cpu % 64)) != 0 {
-                if !drained_before {
-                    // The grace period: freed after the next drain.
-                    item.3 = true;
-                    return true;
-                }
-                let _ = t.free(vector, ctx) || t.free(vector, PARKED);
-            } else {
-                if ctx != PARKED {
-                    let _ = t.replace(vector, ctx, PARKED);
-                }
-                LEAKED_VECTORS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                defmt::warn!("vmm: cpu {=u8} did not drain; host vector {=u8:#x} stays allocated", cpu, vector);
+            let ok = drained & (1u64 << (cpu % 64)) != 0;
+            if ok && !drained_before {
+                // The grace period: freed after the next drain.
+                item.3 = true;
+                return true;
             }
+            settle_retired(cpu, vector, ctx, ok);
             false
         });
     };
@@ -1940,17 +1933,8 @@ impl Physical {
     /// Whether the page at `start` of BAR `bar` traps without any doorbell: it holds the MSI-X
     /// table or PBA, or the BAR is smaller than a page (never mapped).
     fn traps_anyway(&self, bar: u8, start: u64) -> bool {
-        let small = self.bars.iter().any(|b| b.index == bar && b.size < PAGE_SIZE);
-        let msix = self.msix_cap.is_some_and(|x| {
-            let page = |off: u32, len: u64| {
-                let s = u64::from(off) & !(PAGE_SIZE - 1);
-                (s, (u64::from(off) + len).next_multiple_of(PAGE_SIZE))
-            };
-            let (t0, t1) = page(x.table_offset, u64::from(x.table_size) * 16);
-            let (p0, p1) = page(x.pba_offset, u64::from(x.table_size).div_ceil(64) * 8);
-            (x.table_bir == bar && start >= t0 && start < t1) || (x.pba_bir == bar && start >= p0 && start < p1)
-        });
-        small || msix
+        self.bars.iter().any(|b| b.index == bar && b.size < PAGE_SIZE)
+            || self.msix_pages(bar).into_iter().flatten().any(|(s, e)| start >= s && start < e)
     }
 
     fn doorbell_page(&mut self, partition: usize, bar: u8, offset: u64, add: bool) -> bool {

@@ -21,7 +21,7 @@
 use conduit_guest_rt::abi::doorbell::Request;
 use conduit_guest_rt::devices::nvme::{self, Wait};
 use conduit_guest_rt::memory::{self, PAGE_BYTES};
-use conduit_guest_rt::pci::{BarWindow, Bdf};
+use conduit_guest_rt::pci::{BarWindow, Bdf, cap_id};
 use conduit_guest_rt::report::Report;
 use conduit_guest_rt::{BootInfo, cpu, entry, hypercall, interrupts, lapic, println};
 
@@ -165,13 +165,12 @@ fn run(r: &mut Report, info: &BootInfo) -> Option<()> {
 /// again from scratch it completes an admin command by interrupt, its submission rung through the
 /// doorbell registered before the reset (doorbells outlive a reset, as VFIO's ioeventfds do).
 fn guest_flr(r: &mut Report, info: &BootInfo, sq0: &Request) -> Option<()> {
-    const PCI_EXPRESS: u8 = 0x10;
     const DEVICE_CONTROL: u16 = 0x08;
     const FLR: u16 = 1 << 15;
     let window = BarWindow::from_boot_info(info);
     let mut window = r.require("BAR window", window)?;
     let f = r.require("opening the NVMe function", nvme::open(info, &mut window))?.function;
-    let cap = r.require("PCI Express capability", f.find_capability(PCI_EXPRESS))?;
+    let cap = r.require("PCI Express capability", f.find_capability(cap_id::PCIE))?;
     let cap = r.require("PCI Express capability", cap.ok_or("absent"))?;
     let hits_before = hypercall::doorbell_hits(NVME_BDF.rid(), sq0).unwrap_or(0);
     let devctl = u16::from(cap) + DEVICE_CONTROL;
